@@ -1,0 +1,549 @@
+//! The state machine: start-up (service, address) → registration → health loop → stop
+//! (deregister, drain) → exit status. Each phase has a deadline; stop requests arrive on a
+//! channel ([`shutdown::StopRequests`]).
+
+pub mod shutdown;
+
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{error, info, warn};
+
+use crate::attributes::{self, Attributes};
+use crate::backoff::Backoff;
+use crate::config::Settings;
+use crate::health::{Probe, Tracker};
+use crate::metadata::{LocateError, Location, Locator};
+use crate::registry::{Health, RecordKind, Registry, RegistryError, ServiceInfo};
+use shutdown::{Stop, StopRequests};
+
+/// How the process ends. The numbers are the documented exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Stopped and deregistered, or stopped before anything was registered.
+    Clean = 0,
+    /// Runtime failure; nothing is left registered.
+    Failure = 1,
+    /// The configuration cannot work (found before anything was registered).
+    Config = 2,
+    /// The instance may still be registered: the stop budget ran out, deregistration was refused,
+    /// or an immediate stop (SIGQUIT, third signal) was asked for.
+    LeftBehind = 3,
+}
+
+impl ExitStatus {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Start-up could not complete.
+#[derive(Debug)]
+enum StartError {
+    Config(String),
+    Runtime(String),
+}
+
+impl From<RegistryError> for StartError {
+    fn from(e: RegistryError) -> Self {
+        if e.is_configuration() {
+            StartError::Config(e.to_string())
+        } else {
+            StartError::Runtime(e.to_string())
+        }
+    }
+}
+
+/// What start-up established.
+#[derive(Debug, Clone)]
+struct Prepared {
+    service: ServiceInfo,
+    instance_id: String,
+    /// The full set, without `AWS_INIT_HEALTH_STATUS` (added per registration).
+    attributes: Attributes,
+}
+
+/// Run the sidecar until it is stopped.
+pub async fn run<R, L, P>(
+    settings: &Settings,
+    registry: &R,
+    locator: &L,
+    probe: Option<&P>,
+    stops: &mut StopRequests,
+) -> ExitStatus
+where
+    R: Registry,
+    L: Locator,
+    P: Probe,
+{
+    Sidecar {
+        settings,
+        registry,
+        probe,
+        tracker: Tracker::new(
+            settings.health.healthy_threshold,
+            settings.health.unhealthy_threshold,
+        ),
+    }
+    .run(locator, stops)
+    .await
+}
+
+struct Sidecar<'a, R, P> {
+    settings: &'a Settings,
+    registry: &'a R,
+    probe: Option<&'a P>,
+    tracker: Tracker,
+}
+
+impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
+    async fn run<L: Locator>(mut self, locator: &L, stops: &mut StopRequests) -> ExitStatus {
+        let start_deadline = Instant::now() + self.settings.start_timeout;
+
+        // Start-up can be abandoned at any point before the registration request is sent.
+        let prepared = tokio::select! {
+            biased;
+            _ = stops.next() => {
+                info!(event = "stopped", "stop requested during start-up; nothing was registered");
+                return ExitStatus::Clean;
+            }
+            r = self.prepare(locator, start_deadline) => r,
+        };
+        let p = match prepared {
+            Ok(p) => p,
+            Err(StartError::Config(m)) => {
+                error!(event = "config_error", "{m}");
+                return ExitStatus::Config;
+            }
+            Err(StartError::Runtime(m)) => {
+                error!(event = "start_failed", "{m}; nothing was registered");
+                return ExitStatus::Failure;
+            }
+        };
+
+        let Some(initial) = self.initial_health(&p.service, stops).await else {
+            info!(
+                event = "stopped",
+                "stop requested before the application became healthy; nothing was registered"
+            );
+            return ExitStatus::Clean;
+        };
+
+        // Registration itself is not abandoned half-way: a stop that arrives now is acted on once
+        // the operation has finished, so we never deregister while our register is still running.
+        let mut pending: Option<Stop> = None;
+        let registered = {
+            let reg = self.register(&p, initial, start_deadline);
+            tokio::pin!(reg);
+            loop {
+                tokio::select! {
+                    r = &mut reg => break r,
+                    s = stops.next(), if pending != Some(Stop::Immediate) => {
+                        info!("stop requested while registering; deregistering as soon as registration completes");
+                        pending = Some(s);
+                    }
+                }
+            }
+        };
+        match registered {
+            Ok(()) => {}
+            Err(RegistryError::DeadlineExceeded { what, last_error }) => {
+                error!(
+                    event = "start_failed",
+                    "{what} did not complete before the start deadline: {last_error}"
+                );
+                // Cloud Map may have accepted it after all: make sure nothing is left behind.
+                return self.stop(&p, true, true, stops).await.min_failure();
+            }
+            Err(e) => {
+                let status = if e.is_configuration() {
+                    ExitStatus::Config
+                } else {
+                    ExitStatus::Failure
+                };
+                error!(event = "start_failed", instance_id = %p.instance_id, service_id = %p.service.id,
+                    "registration failed: {e}; nothing was registered");
+                return status;
+            }
+        }
+        match pending {
+            Some(Stop::Immediate) => return self.abandon(&p),
+            Some(_) => return self.stop(&p, true, true, stops).await,
+            None => {}
+        }
+
+        let (stop, registered) = self.serve(&p, initial, stops).await;
+        match stop {
+            Stop::Immediate => self.abandon(&p),
+            Stop::SkipDrain => self.stop(&p, registered, true, stops).await,
+            Stop::Graceful => self.stop(&p, registered, false, stops).await,
+        }
+    }
+
+    /// Service, address, instance ID and the attribute set, all validated.
+    async fn prepare<L: Locator>(
+        &self,
+        locator: &L,
+        deadline: Instant,
+    ) -> Result<Prepared, StartError> {
+        let service = self
+            .registry
+            .resolve(&self.settings.service, deadline)
+            .await?;
+        info!(event = "service_resolved", service_id = %service.id, custom_health = service.custom_health,
+            route53_health = service.route53_health,
+            dns_records = %service.dns_records.iter().map(|r| format!("{}:{}", r.kind, r.ttl)).collect::<Vec<_>>().join(","),
+            "service {}", service.name);
+        let location = locate_until(locator, deadline).await?;
+        let instance_id = location.instance_id.clone().ok_or_else(|| {
+            StartError::Config(
+                "cannot tell the instance ID: set --instance-id (CLOUDMAP_INSTANCE_ID) when running outside ECS and EC2"
+                    .to_string(),
+            )
+        })?;
+        attributes::check_instance_id(&instance_id).map_err(|why| {
+            StartError::Config(format!(
+                "instance ID {instance_id:?} {why}: set --instance-id"
+            ))
+        })?;
+        let attributes = instance_attributes(self.settings, &location);
+        check_records(&service, &instance_id, &attributes).map_err(StartError::Config)?;
+        attributes::check_all(&attributes)
+            .map_err(|why| StartError::Config(format!("{why} (--attribute)")))?;
+        info!(event = "located", instance_id = %instance_id, source = %location.source,
+            ipv4 = %location.ipv4.map(|i| i.to_string()).unwrap_or_default(),
+            ipv6 = %location.ipv6.map(|i| i.to_string()).unwrap_or_default(),
+            port = %location.port.map(|p| p.to_string()).unwrap_or_default(),
+            "address found");
+        Ok(Prepared {
+            service,
+            instance_id,
+            attributes,
+        })
+    }
+
+    /// The status to register with. One probe first, so a healthy application is registered
+    /// HEALTHY at once (Cloud Map applies a later change only after ~30 s). In a service without
+    /// custom health Cloud Map cannot hold "unhealthy", so we wait for the first pass. `None`: a
+    /// stop came first.
+    async fn initial_health(
+        &mut self,
+        service: &ServiceInfo,
+        stops: &mut StopRequests,
+    ) -> Option<Health> {
+        let Some(probe) = self.probe else {
+            return Some(Health::Healthy);
+        };
+        let first = self.probe_once(probe).await;
+        if first == Health::Healthy || service.custom_health {
+            return Some(first);
+        }
+        info!(event = "waiting_for_healthy",
+            "service has no custom health check: registering only after the application passes its health check");
+        let mut failures: u32 = 1;
+        loop {
+            tokio::select! {
+                _ = stops.next() => return None,
+                _ = tokio::time::sleep(self.settings.health.interval) => {}
+            }
+            if let Ok(()) = probe.check().await {
+                // Start the thresholds afresh from this first pass.
+                self.tracker = Tracker::new(
+                    self.settings.health.healthy_threshold,
+                    self.settings.health.unhealthy_threshold,
+                );
+                self.tracker.observe(true);
+                return Some(Health::Healthy);
+            }
+            failures += 1;
+            if failures % 12 == 0 {
+                warn!(
+                    failures,
+                    "application still failing its health check; still waiting to register"
+                );
+            }
+        }
+    }
+
+    async fn probe_once(&mut self, probe: &P) -> Health {
+        let result = probe.check().await;
+        if let Err(why) = &result {
+            info!("health probe failed: {why}");
+        }
+        self.tracker.observe(result.is_ok());
+        self.tracker.status().unwrap_or(Health::Unhealthy)
+    }
+
+    /// Register (an upsert with the full attribute set), then, with custom health, send the status
+    /// again: whether an upsert resets it is undocumented.
+    async fn register(
+        &self,
+        p: &Prepared,
+        health: Health,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        let mut attrs = p.attributes.clone();
+        if p.service.custom_health {
+            attrs.insert(attributes::AWS_INIT_HEALTH_STATUS, health.as_str());
+        }
+        self.registry
+            .register(&p.service.id, &p.instance_id, &attrs, deadline)
+            .await?;
+        info!(event = "registered", instance_id = %p.instance_id, service_id = %p.service.id,
+            health = %health, attributes = %attrs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+            "instance registered");
+        if p.service.custom_health {
+            self.registry
+                .set_health(&p.service.id, &p.instance_id, health, deadline)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Probe and report until a stop request. Returns the request and whether the instance is
+    /// registered at that moment.
+    async fn serve(
+        &mut self,
+        p: &Prepared,
+        initial: Health,
+        stops: &mut StopRequests,
+    ) -> (Stop, bool) {
+        let interval = self.settings.health.interval;
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // What Cloud Map has been told: the custom status, or (without custom health) whether we
+        // are registered at all.
+        let mut reported = initial;
+        loop {
+            tokio::select! {
+                s = stops.next() => return (s, reported == Health::Healthy || p.service.custom_health),
+                _ = ticker.tick(), if self.probe.is_some() => {}
+            }
+            let Some(probe) = self.probe else { continue };
+            let result = probe.check().await;
+            if let Some(changed) = self.tracker.observe(result.is_ok()) {
+                info!(event = "health_changed", instance_id = %p.instance_id, health = %changed,
+                    reason = %result.err().unwrap_or_default(), "application health changed");
+            }
+            let desired = self.tracker.status().unwrap_or(reported);
+            if desired == reported {
+                continue;
+            }
+            // A stop request wins over an update in flight; an update that fails is tried again
+            // at the next probe, since `reported` still differs.
+            let deadline = Instant::now() + interval.max(Duration::from_secs(10));
+            let report = self.report(p, desired, deadline);
+            tokio::select! {
+                s = stops.next() => return (s, reported == Health::Healthy || p.service.custom_health),
+                r = report => match r {
+                    Ok(()) => reported = desired,
+                    Err(e) => warn!(instance_id = %p.instance_id, "could not report {desired}: {e}; retrying at the next probe"),
+                },
+            }
+        }
+    }
+
+    /// Tell Cloud Map about a health change: the custom status, or (services without custom
+    /// health) deregister while unhealthy and register again when healthy.
+    async fn report(
+        &self,
+        p: &Prepared,
+        health: Health,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        let (service_id, id) = (&p.service.id, &p.instance_id);
+        if p.service.custom_health {
+            self.registry
+                .set_health(service_id, id, health, deadline)
+                .await?;
+            info!(event = "health_reported", instance_id = %id, service_id = %service_id, health = %health,
+                "custom health status sent (Cloud Map applies it after about 30 s)");
+            return Ok(());
+        }
+        match health {
+            Health::Unhealthy => {
+                self.registry.deregister(service_id, id, deadline).await?;
+                info!(event = "deregistered", instance_id = %id, service_id = %service_id,
+                    "deregistered while unhealthy (the service has no custom health check)");
+            }
+            Health::Healthy => {
+                self.registry
+                    .register(service_id, id, &p.attributes, deadline)
+                    .await?;
+                info!(event = "registered", instance_id = %id, service_id = %service_id, "registered again: healthy");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deregister (when registered), then drain, all within the stop budget.
+    async fn stop(
+        &self,
+        p: &Prepared,
+        registered: bool,
+        skip_drain: bool,
+        stops: &mut StopRequests,
+    ) -> ExitStatus {
+        let deadline = Instant::now() + self.settings.stop_timeout;
+        let (service_id, id) = (&p.service.id, &p.instance_id);
+        let mut skip_drain = skip_drain;
+        if self.tracker.last_passed() == Some(false) {
+            info!("the application is failing its health check: no drain");
+            skip_drain = true;
+        }
+        if registered {
+            info!(event = "deregistering", instance_id = %id, service_id = %service_id, "stopping: deregistering");
+            let dereg = self.registry.deregister(service_id, id, deadline);
+            tokio::pin!(dereg);
+            let result = loop {
+                tokio::select! {
+                    r = &mut dereg => break r,
+                    s = stops.next() => match s {
+                        Stop::Immediate => return self.abandon(p),
+                        _ => {
+                            info!("second stop request: no drain after deregistration");
+                            skip_drain = true;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
+                error!(event = "left_behind", instance_id = %id, service_id = %service_id,
+                    "instance {id} may still be registered in service {service_id}: {e}; remove it with \
+                     `cloudmap-sidecar deregister --service-id {service_id} --instance-id {id}`");
+                return ExitStatus::LeftBehind;
+            }
+            info!(event = "deregistered", instance_id = %id, service_id = %service_id, "instance deregistered");
+        }
+
+        let wanted = self.settings.drain.unwrap_or_else(|| p.service.max_ttl());
+        let left = deadline.saturating_duration_since(Instant::now());
+        let drain = if skip_drain || !registered {
+            Duration::ZERO
+        } else {
+            wanted.min(left)
+        };
+        if drain < wanted && !skip_drain && registered {
+            warn!(
+                "drain cut from {} to {} by --stop-timeout: DNS clients may still use this address after exit",
+                humantime::format_duration(wanted),
+                humantime::format_duration(drain)
+            );
+        }
+        if !drain.is_zero() {
+            info!(
+                event = "draining",
+                drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
+                "waiting {} for DNS caches to forget this instance",
+                humantime::format_duration(drain)
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => {}
+                s = stops.next() => {
+                    info!(?s, "stop requested again: ending the drain early");
+                }
+            }
+        }
+        info!(event = "stopped", instance_id = %id, service_id = %service_id, "stopped cleanly");
+        ExitStatus::Clean
+    }
+
+    fn abandon(&self, p: &Prepared) -> ExitStatus {
+        error!(event = "left_behind", instance_id = %p.instance_id, service_id = %p.service.id,
+            "immediate stop: instance {} is left registered in service {}", p.instance_id, p.service.id);
+        ExitStatus::LeftBehind
+    }
+}
+
+impl ExitStatus {
+    /// After a failed start-up, a clean cleanup is still a failure.
+    fn min_failure(self) -> ExitStatus {
+        match self {
+            ExitStatus::Clean => ExitStatus::Failure,
+            other => other,
+        }
+    }
+}
+
+/// Retry "not ready" until the deadline.
+async fn locate_until<L: Locator>(locator: &L, deadline: Instant) -> Result<Location, StartError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, locator.locate()).await;
+        let why = match attempt {
+            Ok(Ok(loc)) => return Ok(loc),
+            Ok(Err(LocateError::Invalid(m))) => return Err(StartError::Config(m)),
+            Ok(Err(LocateError::NotReady(m))) => m,
+            Err(_) => "metadata look-up did not answer".to_string(),
+        };
+        warn!(
+            attempt = backoff.attempts() + 1,
+            "address not available yet: {why}"
+        );
+        if !backoff.wait(deadline).await {
+            return Err(StartError::Runtime(format!(
+                "no usable address before the start deadline (--start-timeout): {why}"
+            )));
+        }
+    }
+}
+
+/// The full attribute set: the user's, then placement, then the reserved address attributes.
+fn instance_attributes(settings: &Settings, location: &Location) -> Attributes {
+    let mut attrs = settings.attributes.clone();
+    attrs.fill_from(&location.attributes);
+    if attrs.get(attributes::REGION).is_none() {
+        attrs.insert_known(attributes::REGION, settings.region_hint.as_deref());
+    }
+    if let Some(v4) = location.ipv4 {
+        attrs.insert(attributes::AWS_INSTANCE_IPV4, &attributes::ipv4_value(v4));
+    }
+    if let Some(v6) = location.ipv6 {
+        attrs.insert(attributes::AWS_INSTANCE_IPV6, &attributes::ipv6_value(v6));
+    }
+    if let Some(port) = location.port {
+        attrs.insert(attributes::AWS_INSTANCE_PORT, &port.to_string());
+    }
+    attrs
+}
+
+/// The instance must carry what the service's DNS records are built from.
+fn check_records(
+    service: &ServiceInfo,
+    instance_id: &str,
+    attrs: &Attributes,
+) -> Result<(), String> {
+    let has = |k| attrs.get(k).is_some();
+    let name = &service.name;
+    if service.has_record(RecordKind::A) && !has(attributes::AWS_INSTANCE_IPV4) {
+        return Err(format!(
+            "service {name} has A records, which need AWS_INSTANCE_IPV4, but no IPv4 address was found: set --ip (CLOUDMAP_IP) to an IPv4 address"
+        ));
+    }
+    if service.has_record(RecordKind::Aaaa) && !has(attributes::AWS_INSTANCE_IPV6) {
+        return Err(format!(
+            "service {name} has AAAA records, which need AWS_INSTANCE_IPV6, but no IPv6 address was found: set --ip (CLOUDMAP_IP) to an IPv6 address"
+        ));
+    }
+    if service.has_record(RecordKind::Srv) {
+        if !has(attributes::AWS_INSTANCE_PORT) {
+            return Err(format!(
+                "service {name} has SRV records, which need AWS_INSTANCE_PORT: set --port (CLOUDMAP_PORT)"
+            ));
+        }
+        if !has(attributes::AWS_INSTANCE_IPV4) && !has(attributes::AWS_INSTANCE_IPV6) {
+            return Err(format!(
+                "service {name} has SRV records, which need AWS_INSTANCE_IPV4 or AWS_INSTANCE_IPV6: set --ip (CLOUDMAP_IP)"
+            ));
+        }
+        attributes::check_dns_label(instance_id)
+            .map_err(|why| format!("{why}: set --instance-id"))?;
+    }
+    if service.route53_health && !has(attributes::AWS_INSTANCE_PORT) {
+        warn!("service {name} has a Route 53 health check: without --port it probes port 80");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
