@@ -203,16 +203,22 @@ where
     let matches = command()
         .try_get_matches_from(args)
         .map_err(ParseFailure::Clap)?;
-    let (sub, sub_matches) = match matches.subcommand() {
-        Some((name, m)) => (name.to_string(), m.clone()),
-        None => ("run".to_string(), matches.clone()),
+    let root = command();
+    let (sub, sub_matches, sub_cmd) = match matches.subcommand() {
+        Some((name, m)) => (
+            name.to_string(),
+            m.clone(),
+            root.find_subcommand(name)
+                .cloned()
+                .unwrap_or_else(|| root.clone()),
+        ),
+        None => ("run".to_string(), matches.clone(), root.clone()),
     };
-    let raw = Raw::collect(&sub_matches, env);
-    match sub.as_str() {
-        _ => Settings::from_raw(&raw, env)
-            .map(|s| Invocation::Run(Box::new(s)))
-            .map_err(ParseFailure::Invalid),
-    }
+    let raw = Raw::collect(&sub_cmd, &sub_matches, env);
+    debug_assert_eq!(sub, "run");
+    Settings::from_raw(&raw, env)
+        .map(|s| Invocation::Run(Box::new(s)))
+        .map_err(ParseFailure::Invalid)
 }
 
 /// Why [`parse`] did not produce an invocation.
@@ -232,10 +238,13 @@ pub struct Raw {
 }
 
 impl Raw {
-    fn collect(matches: &clap::ArgMatches, env: &dyn Env) -> Raw {
+    fn collect(cmd: &clap::Command, matches: &clap::ArgMatches, env: &dyn Env) -> Raw {
         let mut raw = Raw::default();
-        for id in matches.ids() {
-            let id = id.as_str();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.get_long().is_none() || id == "help" || id == "version" {
+                continue;
+            }
             let from_cli = matches.value_source(id) == Some(ValueSource::CommandLine);
             let cli_values: Vec<String> = matches
                 .get_raw(id)

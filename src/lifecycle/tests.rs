@@ -1,1 +1,608 @@
+//! The lifecycle against a fake registry, locator and probe, on tokio's paused clock: the order of
+//! calls and the timing of the stop are asserted directly.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::shutdown::{Signal, StopRequests, StopSender};
+use super::*;
+use crate::config::{self, Invocation};
+use crate::registry::{DnsRecord, Health, RecordKind};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Resolve,
+    Register(Vec<(String, String)>),
+    SetHealth(Health),
+    Deregister,
+}
+
+/// Records every call; each call can be given a latency and a scripted result.
+#[derive(Default)]
+struct FakeRegistry {
+    service: Option<ServiceInfo>,
+    resolve_error: Option<RegistryError>,
+    register_results: RefCell<VecDeque<Result<(), RegistryError>>>,
+    register_latency: Duration,
+    deregister_latency: Duration,
+    calls: RefCell<Vec<(Duration, Call)>>,
+    start: RefCell<Option<Instant>>,
+}
+
+impl FakeRegistry {
+    fn new(service: ServiceInfo) -> Self {
+        FakeRegistry {
+            service: Some(service),
+            ..FakeRegistry::default()
+        }
+    }
+
+    fn record(&self, call: Call) {
+        let start = *self.start.borrow_mut().get_or_insert_with(Instant::now);
+        self.calls.borrow_mut().push((start.elapsed(), call));
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.borrow().iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        self.calls()
+            .iter()
+            .map(|c| match c {
+                Call::Resolve => "resolve",
+                Call::Register(_) => "register",
+                Call::SetHealth(Health::Healthy) => "healthy",
+                Call::SetHealth(Health::Unhealthy) => "unhealthy",
+                Call::Deregister => "deregister",
+            })
+            .collect()
+    }
+
+    fn registered_attrs(&self) -> Vec<(String, String)> {
+        self.calls()
+            .into_iter()
+            .find_map(|c| match c {
+                Call::Register(a) => Some(a),
+                _ => None,
+            })
+            .expect("a register call")
+    }
+}
+
+impl Registry for FakeRegistry {
+    async fn resolve(
+        &self,
+        _: &crate::config::ServiceRef,
+        _: Instant,
+    ) -> Result<ServiceInfo, RegistryError> {
+        self.record(Call::Resolve);
+        match &self.resolve_error {
+            Some(e) => Err(e.clone()),
+            None => Ok(self.service.clone().expect("service")),
+        }
+    }
+
+    async fn register(
+        &self,
+        _: &str,
+        _: &str,
+        attributes: &Attributes,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        self.record(Call::Register(
+            attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        if Instant::now() + self.register_latency > deadline {
+            tokio::time::sleep_until(deadline).await;
+            return Err(RegistryError::DeadlineExceeded {
+                what: "RegisterInstance".into(),
+                last_error: "slow".into(),
+            });
+        }
+        tokio::time::sleep(self.register_latency).await;
+        self.register_results
+            .borrow_mut()
+            .pop_front()
+            .unwrap_or(Ok(()))
+    }
+
+    async fn set_health(
+        &self,
+        _: &str,
+        _: &str,
+        health: Health,
+        _: Instant,
+    ) -> Result<(), RegistryError> {
+        self.record(Call::SetHealth(health));
+        Ok(())
+    }
+
+    async fn deregister(&self, _: &str, _: &str, deadline: Instant) -> Result<(), RegistryError> {
+        self.record(Call::Deregister);
+        if Instant::now() + self.deregister_latency > deadline {
+            tokio::time::sleep_until(deadline).await;
+            return Err(RegistryError::DeadlineExceeded {
+                what: "DeregisterInstance".into(),
+                last_error: "slow".into(),
+            });
+        }
+        tokio::time::sleep(self.deregister_latency).await;
+        Ok(())
+    }
+}
+
+/// Not ready `not_ready` times, then the location (or an error for good).
+struct FakeLocator {
+    not_ready: RefCell<u32>,
+    result: Result<Location, LocateError>,
+    attempts: RefCell<u32>,
+}
+
+impl FakeLocator {
+    fn ready() -> Self {
+        FakeLocator::after(0)
+    }
+
+    fn after(not_ready: u32) -> Self {
+        FakeLocator {
+            not_ready: RefCell::new(not_ready),
+            result: Ok(Location {
+                ipv4: Some("10.0.0.7".parse().unwrap()),
+                ipv6: None,
+                port: Some(8080),
+                instance_id: Some("task0123".into()),
+                attributes: {
+                    let mut a = Attributes::default();
+                    a.insert("AVAILABILITY_ZONE", "us-east-1a");
+                    a
+                },
+                source: "fake".into(),
+            }),
+            attempts: RefCell::new(0),
+        }
+    }
+}
+
+impl Locator for FakeLocator {
+    async fn locate(&self) -> Result<Location, LocateError> {
+        *self.attempts.borrow_mut() += 1;
+        let mut left = self.not_ready.borrow_mut();
+        if *left > 0 {
+            *left -= 1;
+            return Err(LocateError::NotReady("agent not ready".into()));
+        }
+        self.result.clone()
+    }
+}
+
+/// Scripted probe results; the last one repeats.
+struct FakeProbe(RefCell<VecDeque<bool>>);
+
+impl FakeProbe {
+    fn new(results: &[bool]) -> Self {
+        FakeProbe(RefCell::new(results.iter().copied().collect()))
+    }
+}
+
+impl Probe for FakeProbe {
+    async fn check(&self) -> Result<(), String> {
+        let mut q = self.0.borrow_mut();
+        let pass = if q.len() > 1 {
+            q.pop_front()
+        } else {
+            q.front().copied()
+        }
+        .unwrap_or(true);
+        if pass {
+            Ok(())
+        } else {
+            Err("503".into())
+        }
+    }
+}
+
+fn service(custom_health: bool, ttl: Option<u64>) -> ServiceInfo {
+    ServiceInfo {
+        id: "srv-test".into(),
+        name: "ap".into(),
+        namespace_id: "ns-test".into(),
+        custom_health,
+        route53_health: false,
+        dns_records: ttl
+            .map(|ttl| {
+                vec![DnsRecord {
+                    kind: RecordKind::A,
+                    ttl,
+                }]
+            })
+            .unwrap_or_default(),
+    }
+}
+
+fn settings(args: &[&str]) -> Settings {
+    let mut argv = vec!["cloudmap-sidecar", "--service-id", "srv-test"];
+    argv.extend_from_slice(args);
+    let env = [("AWS_REGION", "us-east-1")];
+    match config::parse(argv, &env) {
+        Ok(Invocation::Run(s)) => *s,
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
+fn stop_after(tx: &StopSender, after: Duration, signal: Signal) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        tx.send(signal).ok();
+    });
+}
+
+async fn run_fake(
+    s: &Settings,
+    reg: &FakeRegistry,
+    loc: &FakeLocator,
+    probe: Option<&FakeProbe>,
+    stops: &mut StopRequests,
+) -> (ExitStatus, Duration) {
+    let started = Instant::now();
+    let status = run(s, reg, loc, probe, stops).await;
+    (status, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn registers_then_deregisters_on_sigterm_and_exits_0() {
+    let s = settings(&["--attribute", "TIER=ap"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(30), Signal::Stop);
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+    let attrs = reg.registered_attrs();
+    let get = |k: &str| {
+        attrs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("AWS_INSTANCE_IPV4"), Some("10.0.0.7"));
+    assert_eq!(get("AWS_INSTANCE_PORT"), Some("8080"));
+    assert_eq!(get("AVAILABILITY_ZONE"), Some("us-east-1a"));
+    assert_eq!(get("REGION"), Some("us-east-1"));
+    assert_eq!(get("TIER"), Some("ap"));
+    assert_eq!(
+        get("AWS_INIT_HEALTH_STATUS"),
+        None,
+        "only for custom health services"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn custom_health_registers_unhealthy_until_the_first_pass_then_reports_changes_only() {
+    let s = settings(&[
+        "--health-url",
+        "http://127.0.0.1:1/health",
+        "--health-interval",
+        "1s",
+        "--unhealthy-threshold",
+        "2",
+        "--healthy-threshold",
+        "1",
+    ]);
+    let reg = FakeRegistry::new(service(true, None));
+    // first probe fails, then passes 3 times, fails 2 times, passes again.
+    let probe = FakeProbe::new(&[false, true, true, true, false, false, true]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_millis(10_500), Signal::Stop);
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    let attrs = reg.registered_attrs();
+    assert!(
+        attrs.contains(&("AWS_INIT_HEALTH_STATUS".into(), "UNHEALTHY".into())),
+        "{attrs:?}"
+    );
+    assert_eq!(
+        reg.names(),
+        [
+            "resolve",
+            "register",
+            "unhealthy",
+            "healthy",
+            "unhealthy",
+            "healthy",
+            "deregister"
+        ],
+        "the status is pushed again after the upsert, then only changes are sent"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_application_is_registered_healthy_at_once() {
+    let s = settings(&["--health-url", "http://127.0.0.1:1/health"]);
+    let reg = FakeRegistry::new(service(true, None));
+    let probe = FakeProbe::new(&[true]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(20), Signal::Stop);
+    run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert!(reg
+        .registered_attrs()
+        .contains(&("AWS_INIT_HEALTH_STATUS".into(), "HEALTHY".into())));
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "healthy", "deregister"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_custom_health_registration_waits_for_the_first_pass() {
+    let s = settings(&[
+        "--health-url",
+        "http://127.0.0.1:1/health",
+        "--health-interval",
+        "1s",
+    ]);
+    let reg = FakeRegistry::new(service(false, None));
+    let probe = FakeProbe::new(&[false, false, false, true]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(10), Signal::Stop);
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    let calls = reg.calls.borrow().clone();
+    let (at, _) = calls
+        .iter()
+        .find(|(_, c)| matches!(c, Call::Register(_)))
+        .expect("registered");
+    assert_eq!(
+        *at,
+        Duration::from_secs(3),
+        "registered at the first passing probe"
+    );
+    assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_custom_health_an_unhealthy_instance_is_deregistered_and_comes_back() {
+    let s = settings(&[
+        "--health-url",
+        "http://127.0.0.1:1/health",
+        "--health-interval",
+        "1s",
+        "--unhealthy-threshold",
+        "1",
+        "--healthy-threshold",
+        "1",
+    ]);
+    let reg = FakeRegistry::new(service(false, None));
+    let probe = FakeProbe::new(&[true, true, false, true]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_millis(5_500), Signal::Stop);
+    run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert_eq!(
+        reg.names(),
+        [
+            "resolve",
+            "register",
+            "deregister",
+            "register",
+            "deregister"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_while_metadata_is_not_ready_leaves_nothing_registered() {
+    let s = settings(&[]);
+    let reg = FakeRegistry::new(service(true, None));
+    let loc = FakeLocator::after(1_000);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(3), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &loc, None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(reg.names(), ["resolve"]);
+    assert!(*loc.attempts.borrow() > 1, "retried");
+    assert!(took < Duration::from_secs(4), "stopped promptly: {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn metadata_that_never_becomes_ready_fails_at_the_start_deadline_with_exit_1() {
+    let s = settings(&["--start-timeout", "10s"]);
+    let reg = FakeRegistry::new(service(true, None));
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::after(u32::MAX), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Failure);
+    assert_eq!(took, Duration::from_secs(10));
+    assert_eq!(reg.names(), ["resolve"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn metadata_late_by_a_few_attempts_still_registers() {
+    let s = settings(&[]);
+    let reg = FakeRegistry::new(service(true, None));
+    let loc = FakeLocator::after(3);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(30), Signal::Stop);
+    let (status, _) = run_fake(&s, &reg, &loc, None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(*loc.attempts.borrow(), 4);
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "healthy", "deregister"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_registration_deregisters_once_registration_completes_without_drain() {
+    let s = settings(&["--drain", "10s"]);
+    let mut reg = FakeRegistry::new(service(false, Some(60)));
+    reg.register_latency = Duration::from_secs(2);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(1), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+    assert_eq!(
+        took,
+        Duration::from_secs(2),
+        "no drain after an aborted start"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drain_defaults_to_the_dns_ttl_and_follows_deregistration() {
+    let s = settings(&[]);
+    let mut reg = FakeRegistry::new(service(false, Some(15)));
+    reg.deregister_latency = Duration::from_secs(1);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(5), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(
+        took,
+        Duration::from_secs(5 + 1 + 15),
+        "signal + deregistration + TTL"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drain_is_capped_by_the_stop_budget() {
+    let s = settings(&["--stop-timeout", "10s"]);
+    let mut reg = FakeRegistry::new(service(false, Some(300)));
+    reg.deregister_latency = Duration::from_secs(2);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(5), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(
+        took,
+        Duration::from_secs(5 + 10),
+        "the whole stop fits in --stop-timeout"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_signal_ends_the_drain() {
+    let s = settings(&["--drain", "20s"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(5), Signal::Stop);
+    stop_after(&tx, Duration::from_secs(8), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(took, Duration::from_secs(8));
+    assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_application_already_failing_at_sigterm_gets_no_drain() {
+    let s = settings(&[
+        "--health-url",
+        "http://127.0.0.1:1/health",
+        "--health-interval",
+        "1s",
+        "--drain",
+        "20s",
+    ]);
+    let reg = FakeRegistry::new(service(true, None));
+    let probe = FakeProbe::new(&[true, false]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_millis(1_500), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(took, Duration::from_millis(1_500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn deregistration_that_outlasts_the_stop_budget_exits_3() {
+    let s = settings(&["--stop-timeout", "5s"]);
+    let mut reg = FakeRegistry::new(service(false, None));
+    reg.deregister_latency = Duration::from_secs(60);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(1), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::LeftBehind);
+    assert_eq!(took, Duration::from_secs(1 + 5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigquit_exits_at_once_and_reports_the_instance_left_behind() {
+    let s = settings(&[]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_secs(1), Signal::Quit);
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::LeftBehind);
+    assert_eq!(reg.names(), ["resolve", "register"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_service_is_a_configuration_error() {
+    let s = settings(&[]);
+    let reg = FakeRegistry {
+        resolve_error: Some(RegistryError::NotFound("service srv-test not found".into())),
+        ..FakeRegistry::default()
+    };
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Config);
+    assert_eq!(reg.names(), ["resolve"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn srv_records_without_a_port_are_a_configuration_error() {
+    let s = settings(&[]);
+    let mut svc = service(false, None);
+    svc.dns_records = vec![DnsRecord {
+        kind: RecordKind::Srv,
+        ttl: 10,
+    }];
+    let reg = FakeRegistry::new(svc);
+    let mut loc = FakeLocator::ready();
+    if let Ok(l) = &mut loc.result {
+        l.port = None;
+    }
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &loc, None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Config);
+    assert_eq!(reg.names(), ["resolve"], "nothing registered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_registration_operation_exits_1_without_deregistering() {
+    let s = settings(&[]);
+    let reg = FakeRegistry::new(service(false, None));
+    reg.register_results
+        .borrow_mut()
+        .push_back(Err(RegistryError::OperationFailed {
+            operation_id: "op-1".into(),
+            code: "ACCESS_DENIED".into(),
+            message: "route53".into(),
+        }));
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Failure);
+    assert_eq!(reg.names(), ["resolve", "register"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registration_that_times_out_is_cleaned_up_and_exits_1() {
+    let s = settings(&["--start-timeout", "5s"]);
+    let mut reg = FakeRegistry::new(service(false, None));
+    reg.register_latency = Duration::from_secs(60);
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Failure);
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "deregister"],
+        "never orphaned"
+    );
+}
