@@ -20,6 +20,7 @@ Subcommands:
 
 The Cloud Map subcommands need boto3 (the venv from scripts/setup-venv has it).
 """
+
 import argparse
 import json
 import sys
@@ -38,7 +39,7 @@ REGION = "us-east-1"
 class QuietHandler(BaseHTTPRequestHandler):
     """No per-request access log: the sidecar probes every second and would drown the demo."""
 
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+    def log_message(self, format, *args):
         pass
 
     def reply(self, status, body, content_type="application/json"):
@@ -100,9 +101,13 @@ def cmd_serve(args):
     with open(args.task) as f:
         task = json.load(f)
     # The container endpoint answers with this container's entry of the task, as ECS does.
-    matches = [c for c in task.get("Containers", []) if c.get("Name") == args.self_container]
+    matches = [
+        c for c in task.get("Containers", []) if c.get("Name") == args.self_container
+    ]
     if not matches:
-        sys.exit(f"demo_support: no container named {args.self_container!r} in {args.task}")
+        sys.exit(
+            f"demo_support: no container named {args.self_container!r} in {args.task}"
+        )
     meta = ThreadingHTTPServer(("127.0.0.1", 0), metadata_handler(task, matches[0]))
     app = ThreadingHTTPServer(("127.0.0.1", 0), app_handler({"healthy": True}))
     print(start(meta), start(app), flush=True)
@@ -115,7 +120,9 @@ def cmd_serve(args):
 
 def cmd_set_health(args):
     url = f"http://127.0.0.1:{args.app_port}/{args.state}"
-    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5) as r:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, method="POST"), timeout=5
+    ) as r:
         r.read()
 
 
@@ -227,7 +234,9 @@ def cmd_wait(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve")
@@ -261,7 +270,8 @@ def main():
     args = p.parse_args()
     try:
         args.func(args)
-    except Exception as e:  # noqa: BLE001 (one readable line for the demo, not a traceback)
+    except Exception as e:
+        # One readable line for failures to reach a server, not a traceback; real bugs still raise.
         if type(e).__module__.split(".")[0] not in ("botocore", "urllib", "http"):
             raise
         sys.exit(f"demo_support {args.command}: {e}")
