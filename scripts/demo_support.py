@@ -7,6 +7,9 @@ Subcommands:
             loopback port. Prints "METADATA_PORT APP_PORT" on the first stdout line once both
             listen, then runs until stdin closes (like tests/support/moto_server.py), so the
             servers never outlive the demo that started them. Standard library only.
+  exec-tied --parent PID -- COMMAND...
+            Exec COMMAND so that it gets SIGTERM when PID (the demo script) dies, even by SIGKILL
+            (Linux prctl PR_SET_PDEATHSIG): for the sidecar, which has no stdin to watch.
   set-health --app-port PORT healthy|unhealthy
             Flip the toy application's /health answer.
   setup     --endpoint URL --namespace NAME --service NAME
@@ -116,6 +119,22 @@ def cmd_serve(args):
     finally:
         meta.shutdown()
         app.shutdown()
+
+
+def cmd_exec_tied(args):
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        sys.exit(f"demo_support: prctl: {os.strerror(ctypes.get_errno())}")
+    # The parent may have died before prctl took effect: then nobody would send the signal.
+    if os.getppid() != args.parent:
+        sys.exit("demo_support: the demo is gone; not starting")
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    os.execvp(command[0], command)  # the death signal setting survives exec
 
 
 def cmd_set_health(args):
@@ -243,6 +262,11 @@ def main():
     s.add_argument("--task", required=True)
     s.add_argument("--self-container", required=True)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("exec-tied")
+    s.add_argument("--parent", required=True, type=int)
+    s.add_argument("command_line", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_exec_tied)
 
     s = sub.add_parser("set-health")
     s.add_argument("--app-port", required=True, type=int)
