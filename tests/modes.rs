@@ -884,3 +884,47 @@ fn health_from_container_naming_no_container_or_with_health_url_exits_2() {
     assert!(log.contains("ECS_CONTAINER_METADATA_URI_V4"), "{log}");
     assert!(instances(&svc.id).is_empty());
 }
+
+/// The EC2 systemd unit must let the graceful stop finish: SIGTERM, and systemd's SIGKILL only
+/// after more than the default stop budget.
+#[test]
+fn the_systemd_unit_sends_sigterm_and_allows_the_stop_budget() {
+    let unit = std::fs::read_to_string(format!(
+        "{}/task-definitions/ec2/cloudmap-sidecar.service",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(value("KillSignal"), ["SIGTERM"]);
+    assert_eq!(value("Restart"), ["on-failure"]);
+    assert_eq!(
+        value("RestartPreventExitStatus"),
+        ["2"],
+        "config errors do not loop"
+    );
+    let stop = cloudmap_sidecar::config::parse_duration(&value("TimeoutStopSec")[0]).unwrap();
+    let budget =
+        cloudmap_sidecar::config::parse_duration(cloudmap_sidecar::config::DEFAULT_STOP_TIMEOUT)
+            .unwrap();
+    assert!(
+        stop > budget,
+        "TimeoutStopSec {stop:?} must exceed --stop-timeout {budget:?}"
+    );
+    assert!(value("After").iter().any(|v| v == "network-online.target"));
+    assert!(value("Wants").iter().any(|v| v == "network-online.target"));
+    assert!(
+        value("After").iter().any(|v| v.ends_with(".service")),
+        "after the application"
+    );
+    assert_eq!(
+        value("ExecStart"),
+        ["/usr/local/bin/cloudmap-sidecar"],
+        "no shell wrapper"
+    );
+    assert!(!value("EnvironmentFile").is_empty());
+}
