@@ -6,11 +6,9 @@ use std::net::Ipv4Addr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use super::{error_chain, LocateError};
 use aws_config::imds::client::error::ImdsError;
 use aws_config::imds::Client;
-use aws_sdk_servicediscovery::error::DisplayErrorContext;
-
-use super::LocateError;
 
 /// What the sidecar needs from the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +31,7 @@ impl Purpose {
     fn hint(self) -> &'static str {
         match self {
             Purpose::PlainEc2 => {
-                "not in ECS (ECS_CONTAINER_METADATA_URI_V4 is not set) and EC2 instance metadata did not answer: \
+                "not in ECS (ECS_CONTAINER_METADATA_URI_V4 is not set), so the EC2 instance itself is registered: \
                  outside EC2 set --ip (CLOUDMAP_IP) and --instance-id (CLOUDMAP_INSTANCE_ID); \
                  in a container on EC2 set the instance's IMDS hop limit to 2"
             }
@@ -86,7 +84,7 @@ impl Imds {
     async fn get(&self, path: &str, purpose: Purpose) -> Result<String, LocateError> {
         if self.disabled {
             return Err(LocateError::Invalid(format!(
-                "EC2 instance metadata is turned off (AWS_EC2_METADATA_DISABLED=true), and {}",
+                "EC2 instance metadata is turned off (AWS_EC2_METADATA_DISABLED=true): {}",
                 purpose.hint()
             )));
         }
@@ -105,9 +103,10 @@ impl Imds {
                     _ => LocateError::NotReady(format!("{why}: {}", purpose.hint())),
                 })
             }
+            // The cause chain on one line (a connection refused, a token PUT that timed out).
             Err(e) => Err(LocateError::NotReady(format!(
                 "EC2 instance metadata {path} did not answer: {} ({})",
-                DisplayErrorContext(&e),
+                error_chain(&e),
                 purpose.hint()
             ))),
         }
