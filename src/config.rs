@@ -21,6 +21,9 @@ use crate::attributes::{self, Attributes};
 pub const ENV_PREFIX: &str = "CLOUDMAP_";
 /// Set by the ECS agent in every container (task metadata endpoint v4).
 pub const ENV_ECS_METADATA_URI_V4: &str = "ECS_CONTAINER_METADATA_URI_V4";
+/// The SDK's switch for EC2 instance metadata: `true` means there is none to ask (bridge/host mode
+/// and plain EC2 then need `--ip`).
+pub const ENV_EC2_METADATA_DISABLED: &str = "AWS_EC2_METADATA_DISABLED";
 /// Region for the `REGION` attribute when the SDK chain has none yet (the SDK reads it too).
 pub const ENV_AWS_REGION: &str = "AWS_REGION";
 
@@ -93,6 +96,9 @@ pub struct RunArgs {
     /// HTTP URL of the application's health endpoint; a 2xx answer is passing [default: no probe, HEALTHY].
     #[arg(long, value_name = "URL")]
     pub health_url: Option<String>,
+    /// ECS only: use this container's task-definition health check (Health.status in the task metadata) as the health source instead of --health-url; no status yet counts as not healthy.
+    #[arg(long, value_name = "NAME")]
+    pub health_from_container: Option<String>,
     /// Time between health probes.
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_HEALTH_INTERVAL)]
     pub health_interval: Option<String>,
@@ -324,10 +330,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// HTTP health probing of the application.
+/// Health of the application: an HTTP probe or the ECS container health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSettings {
     pub url: Option<String>,
+    /// `--health-from-container`: the container whose ECS health status is the source.
+    pub from_container: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub healthy_threshold: u32,
@@ -354,6 +362,8 @@ pub struct Settings {
     pub ecs_metadata_uri: Option<String>,
     /// `AWS_REGION`, for the `REGION` attribute (the SDK reads the rest of its chain itself).
     pub region_hint: Option<String>,
+    /// `AWS_EC2_METADATA_DISABLED=true`: never ask EC2 instance metadata.
+    pub ec2_metadata_disabled: bool,
 }
 
 /// One invalid setting.
@@ -596,6 +606,30 @@ impl Settings {
                 ),
             }
         }
+        let ecs_metadata_uri = env
+            .get(ENV_ECS_METADATA_URI_V4)
+            .filter(|v| !v.trim().is_empty());
+        let health_from_container = c.text("health-from-container");
+        if let Some(name) = &health_from_container {
+            if health_url.is_some() {
+                c.fail(
+                    "health-url+health-from-container",
+                    None,
+                    "choose one health source: --health-url probes the application over HTTP, \
+                     --health-from-container reads the container's ECS health check",
+                );
+            }
+            if ecs_metadata_uri.is_none() {
+                c.fail(
+                    "health-from-container",
+                    Some(name),
+                    format!(
+                        "needs the ECS task metadata endpoint ({ENV_ECS_METADATA_URI_V4}, set by ECS in every container), \
+                         which is not set: outside ECS use --health-url"
+                    ),
+                );
+            }
+        }
         let interval = c.positive_duration("health-interval");
         let timeout = c.positive_duration("health-timeout");
         let healthy_threshold = c.count("healthy-threshold");
@@ -641,10 +675,6 @@ impl Settings {
             }
         };
 
-        let ecs_metadata_uri = env
-            .get(ENV_ECS_METADATA_URI_V4)
-            .filter(|v| !v.trim().is_empty());
-
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -658,6 +688,7 @@ impl Settings {
             attributes: attrs,
             health: HealthSettings {
                 url: health_url,
+                from_container: health_from_container,
                 interval: interval.unwrap_or_default(),
                 timeout: timeout.unwrap_or_default(),
                 healthy_threshold: healthy_threshold.unwrap_or(1),
@@ -670,6 +701,9 @@ impl Settings {
             log_level: log_level.unwrap_or_default(),
             ecs_metadata_uri,
             region_hint: env.get(ENV_AWS_REGION).filter(|r| !r.is_empty()),
+            ec2_metadata_disabled: env
+                .get(ENV_EC2_METADATA_DISABLED)
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
         };
         Ok(settings)
     }
@@ -685,13 +719,14 @@ impl Settings {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "auto".to_string());
         format!(
             "{service} instance_id={} ip={} port={} container={} attributes={} health_url={} \
-             health_interval={} thresholds={}/{} drain={} stop_timeout={} start_timeout={}",
+             health_from_container={} health_interval={} thresholds={}/{} drain={} stop_timeout={} start_timeout={}",
             opt(self.instance_id.clone()),
             opt(self.ip.map(|i| i.to_string())),
             opt(self.port.map(|p| p.to_string())),
             opt(self.container.clone()),
             self.attributes.len(),
             self.health.url.as_deref().unwrap_or("none"),
+            self.health.from_container.as_deref().unwrap_or("none"),
             humantime::format_duration(self.health.interval),
             self.health.healthy_threshold,
             self.health.unhealthy_threshold,
@@ -778,6 +813,7 @@ mod tests {
                 "http://169.254.170.2/v4/abc",
             ),
             ("AWS_REGION", "eu-west-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
         ];
         let s = parse_with(&[], &env).unwrap();
         assert_eq!(
@@ -811,6 +847,24 @@ mod tests {
             Some("http://169.254.170.2/v4/abc")
         );
         assert_eq!(s.region_hint.as_deref(), Some("eu-west-1"));
+        assert!(s.ec2_metadata_disabled);
+        assert_eq!(s.health.from_container, None);
+
+        // The one health source that cannot be combined with CLOUDMAP_HEALTH_URL above.
+        let s = parse_with(
+            &["--service-id", "srv-a"],
+            &[
+                ("CLOUDMAP_HEALTH_FROM_CONTAINER", "app"),
+                (
+                    "ECS_CONTAINER_METADATA_URI_V4",
+                    "http://169.254.170.2/v4/abc",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.health.from_container.as_deref(), Some("app"));
+        assert_eq!(s.health.url, None);
+        assert!(!s.ec2_metadata_disabled);
 
         let s = parse_with(&[], &[("CLOUDMAP_SERVICE_ID", "srv-xyz")]).unwrap();
         assert_eq!(s.service, ServiceRef::Id("srv-xyz".into()));
@@ -989,6 +1043,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("expected an http URL"), "{err}");
+    }
+
+    #[test]
+    fn health_from_container_excludes_health_url_and_needs_ecs_metadata() {
+        let ecs = (
+            "ECS_CONTAINER_METADATA_URI_V4",
+            "http://169.254.170.2/v4/abc",
+        );
+        let err = parse_with(
+            &[
+                "--service-id",
+                "srv-a",
+                "--health-url",
+                "http://127.0.0.1:8080/health",
+                "--health-from-container",
+                "app",
+            ],
+            &[ecs],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--health-url (CLOUDMAP_HEALTH_URL) and --health-from-container (CLOUDMAP_HEALTH_FROM_CONTAINER): choose one health source"),
+            "{err}"
+        );
+        let err = parse_with(
+            &["--service-id", "srv-a", "--health-from-container", "app"],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--health-from-container (CLOUDMAP_HEALTH_FROM_CONTAINER) = \"app\": needs the ECS task metadata endpoint (ECS_CONTAINER_METADATA_URI_V4"),
+            "{err}"
+        );
+        let ok = parse_with(
+            &["--service-id", "srv-a", "--health-from-container", "app"],
+            &[ecs],
+        )
+        .unwrap();
+        assert_eq!(ok.health.from_container.as_deref(), Some("app"));
     }
 
     #[test]

@@ -12,14 +12,15 @@
 //! - [`attributes`]: Cloud Map attribute names and limits.
 //! - [`metadata`]: where am I: ECS task metadata v4 ([`metadata::ecs`]), EC2 IMDSv2 ([`metadata::imds`]).
 //! - [`registry`]: the [`registry::Registry`] trait; [`registry::cloudmap`] implements it with the AWS SDK.
-//! - [`health`]: HTTP probe and consecutive-result thresholds.
+//! - [`health`]: probes (HTTP, ECS container health) and consecutive-result thresholds.
 //! - [`lifecycle`]: the state machine; [`lifecycle::shutdown`] owns every signal.
 //! - [`backoff`]: exponential backoff with full jitter, inside deadlines.
 //!
 //! ## Environment
 //! Every flag `--some-flag` is also read from `CLOUDMAP_SOME_FLAG` (`--attribute`: `CLOUDMAP_ATTRIBUTES`).
 //! `ECS_CONTAINER_METADATA_URI_V4` (set by ECS) selects ECS discovery; without it, EC2 instance metadata
-//! is used (`AWS_EC2_METADATA_SERVICE_ENDPOINT` overrides its address). AWS settings come from the
+//! is used (`AWS_EC2_METADATA_SERVICE_ENDPOINT` overrides its address, `AWS_EC2_METADATA_DISABLED=true`
+//! turns it off). AWS settings come from the
 //! SDK's standard chain (`AWS_REGION`, `AWS_ENDPOINT_URL`, credentials).
 //!
 //! ## Exit codes
@@ -46,10 +47,10 @@ use aws_config::BehaviorVersion;
 use tracing::{error, info};
 
 use config::Settings;
-use health::HttpProbe;
+use health::{AnyProbe, ContainerHealthProbe, HttpProbe};
 use lifecycle::shutdown::StopRequests;
 use lifecycle::ExitStatus;
-use metadata::{Discovery, Selection};
+use metadata::{imds::Imds, Discovery, Selection};
 use registry::cloudmap::CloudMap;
 
 /// The AWS SDK configuration from the standard chain, with timeouts that fit inside our deadlines.
@@ -85,12 +86,23 @@ pub async fn run(settings: Settings, mut stops: StopRequests) -> ExitStatus {
         port: settings.port,
         container: settings.container.clone(),
         instance_id: settings.instance_id.clone(),
+        health_container: settings.health.from_container.clone(),
     };
-    let locator = Discovery::new(settings.ecs_metadata_uri.clone(), selection);
-    let probe = settings
-        .health
-        .url
-        .as_deref()
-        .map(|url| HttpProbe::new(url, settings.health.timeout));
+    let locator = Discovery::new(settings.ecs_metadata_uri.clone(), selection)
+        .with_imds(Imds::new(None, settings.ec2_metadata_disabled));
+    // Settings allow one health source, and --health-from-container only with ECS metadata.
+    let probe = match (
+        &settings.health.url,
+        &settings.health.from_container,
+        &settings.ecs_metadata_uri,
+    ) {
+        (Some(url), _, _) => Some(AnyProbe::Http(HttpProbe::new(url, settings.health.timeout))),
+        (None, Some(name), Some(uri)) => Some(AnyProbe::Container(ContainerHealthProbe::new(
+            uri,
+            name,
+            settings.health.timeout,
+        ))),
+        _ => None,
+    };
     lifecycle::run(&settings, &registry, &locator, probe.as_ref(), &mut stops).await
 }

@@ -1,7 +1,11 @@
 //! Is the application serving: probes, and the thresholds that turn probe results into a status
 //! change worth reporting to Cloud Map.
 
+pub mod ecs;
+
 use std::time::Duration;
+
+pub use ecs::ContainerHealthProbe;
 
 use crate::metadata::error_chain;
 use crate::registry::Health;
@@ -43,6 +47,22 @@ impl Probe for HttpProbe {
             Ok(resp) if resp.status().is_success() => Ok(()),
             Ok(resp) => Err(format!("{} answered HTTP {}", self.url, resp.status())),
             Err(e) => Err(format!("{}: {}", self.url, error_chain(&e))),
+        }
+    }
+}
+
+/// The health source the settings chose: `--health-url` or `--health-from-container`.
+#[derive(Debug, Clone)]
+pub enum AnyProbe {
+    Http(HttpProbe),
+    Container(ContainerHealthProbe),
+}
+
+impl Probe for AnyProbe {
+    async fn check(&self) -> Result<(), String> {
+        match self {
+            AnyProbe::Http(p) => p.check().await,
+            AnyProbe::Container(p) => p.check().await,
         }
     }
 }

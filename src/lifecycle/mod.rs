@@ -207,7 +207,9 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             ))
         })?;
         let attributes = instance_attributes(self.settings, &location);
-        check_records(&service, &instance_id, &attributes).map_err(StartError::Config)?;
+        // Say where the addresses came from, so "no IPv4" reads as e.g. an IPv6-only task.
+        check_records(&service, &instance_id, &attributes)
+            .map_err(|m| StartError::Config(format!("{m} (address from {})", location.source)))?;
         attributes::check_all(&attributes)
             .map_err(|why| StartError::Config(format!("{why} (--attribute)")))?;
         info!(event = "located", instance_id = %instance_id, source = %location.source,

@@ -83,11 +83,12 @@ pub struct ContainerHealth {
 }
 
 impl Container {
-    fn label(&self) -> &str {
+    pub fn label(&self) -> &str {
         self.name.as_deref().unwrap_or("<unnamed>")
     }
 
-    fn is_stopped(&self) -> bool {
+    /// `STOPPED` known or desired: the container is gone or going away.
+    pub fn is_stopped(&self) -> bool {
         self.known_status.as_deref() == Some("STOPPED")
             || self.desired_status.as_deref() == Some("STOPPED")
     }
@@ -240,30 +241,42 @@ pub fn plan(
     })
 }
 
+/// The container called `name`, or the list of the task's container names for the error.
+pub fn find_named<'a>(task: &'a Task, name: &str) -> Result<&'a Container, String> {
+    task.containers
+        .iter()
+        .find(|c| c.name.as_deref() == Some(name))
+        .ok_or_else(|| container_names(task))
+}
+
+fn container_names(task: &Task) -> String {
+    let names: Vec<&str> = task.containers.iter().map(Container::label).collect();
+    if names.is_empty() {
+        "no containers".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
 /// The application: `--container`, or the only running NORMAL container that is not the sidecar.
 pub fn choose_app<'a>(
     task: &'a Task,
     me: Option<&Container>,
     wanted: Option<&str>,
 ) -> Result<&'a Container, LocateError> {
-    let names = || {
-        task.containers
-            .iter()
-            .map(|c| c.label().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    // The agent omits `Containers` when it has none to report yet; a running task always has some.
+    if task.containers.is_empty() {
+        return Err(LocateError::NotReady(
+            "the task metadata lists no containers yet".to_string(),
+        ));
+    }
+    let names = || container_names(task);
     if let Some(wanted) = wanted {
-        return task
-            .containers
-            .iter()
-            .find(|c| c.name.as_deref() == Some(wanted))
-            .ok_or_else(|| {
-                LocateError::Invalid(format!(
-                    "--container (CLOUDMAP_CONTAINER) = {wanted:?}: the task has no such container (it has: {})",
-                    names()
-                ))
-            });
+        return find_named(task, wanted).map_err(|names| {
+            LocateError::Invalid(format!(
+                "--container (CLOUDMAP_CONTAINER) = {wanted:?}: the task has no such container (it has: {names})"
+            ))
+        });
     }
     let candidates: Vec<&Container> = task
         .containers
@@ -347,7 +360,7 @@ fn host_port(c: &Container, name: &str, wanted: Option<u16>) -> Result<u16, Loca
         .find_map(|p| p.host_port.filter(|hp| *hp > 0))
         .ok_or_else(|| {
             LocateError::NotReady(format!(
-                "container {name} has no host port mapped to container port {container_port} yet (bridge mode)"
+                "container {name} has no host port mapped to container port {container_port} yet (bridge mode publishes the host port; the task metadata has no such mapping, or HostPort 0)"
             ))
         })
 }

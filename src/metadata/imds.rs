@@ -1,12 +1,14 @@
 //! EC2 instance metadata (IMDSv2) through `aws-config`'s client: it fetches and caches the session
-//! token, retries, and honours `AWS_EC2_METADATA_SERVICE_ENDPOINT` (how tests point it at a fake).
+//! token (`PUT /latest/api/token`, then `X-aws-ec2-metadata-token` on every `GET`), retries, and
+//! honours `AWS_EC2_METADATA_SERVICE_ENDPOINT` (how the binary's tests point it at a fake).
 
 use std::net::Ipv4Addr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use super::{error_chain, LocateError};
+use aws_config::imds::client::error::ImdsError;
 use aws_config::imds::Client;
-
-use super::LocateError;
 
 /// What the sidecar needs from the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,51 +18,115 @@ pub struct Host {
     pub availability_zone: Option<String>,
 }
 
+/// Why we are asking, for the hint in an error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// No ECS metadata: the instance itself is what gets registered.
+    PlainEc2,
+    /// ECS bridge or host mode: the container instance's address is published.
+    EcsHost,
+}
+
+impl Purpose {
+    fn hint(self) -> &'static str {
+        match self {
+            Purpose::PlainEc2 => {
+                "not in ECS (ECS_CONTAINER_METADATA_URI_V4 is not set), so the EC2 instance itself is registered: \
+                 outside EC2 set --ip (CLOUDMAP_IP) and --instance-id (CLOUDMAP_INSTANCE_ID); \
+                 in a container on EC2 set the instance's IMDS hop limit to 2"
+            }
+            Purpose::EcsHost => {
+                "bridge and host mode publish the container instance's address from EC2 instance metadata: \
+                 set the instance's IMDS hop limit to 2 (a bridge container is one hop further), or set --ip (CLOUDMAP_IP)"
+            }
+        }
+    }
+}
+
 /// A lazily built IMDS client.
 #[derive(Debug, Default)]
 pub struct Imds {
-    client: std::sync::OnceLock<Client>,
+    /// `None`: the SDK's own choice (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, else `169.254.169.254`).
+    endpoint: Option<String>,
+    /// `AWS_EC2_METADATA_DISABLED=true`: the operator said there is no IMDS to ask.
+    disabled: bool,
+    client: OnceLock<Result<Client, String>>,
 }
 
 impl Imds {
-    fn client(&self) -> &Client {
-        self.client.get_or_init(|| {
-            // Short timeouts: from a bridge container with hop limit 1 the token PUT never answers,
-            // and the caller's start deadline, not IMDS, should decide how long we wait.
-            Client::builder()
-                .max_attempts(2)
-                .connect_timeout(Duration::from_secs(1))
-                .read_timeout(Duration::from_secs(2))
-                .build()
-        })
+    pub fn new(endpoint: Option<String>, disabled: bool) -> Self {
+        Imds {
+            endpoint,
+            disabled,
+            client: OnceLock::new(),
+        }
     }
 
-    async fn get(&self, path: &str) -> Result<String, LocateError> {
-        self.client()
-            .get(path)
-            .await
-            .map(|v| String::from(v).trim().to_string())
-            .map_err(|e| {
-                LocateError::NotReady(format!(
-                    "EC2 instance metadata {path} did not answer: {} (on EC2 from a container, set the IMDS hop limit to 2; outside AWS set --ip and --instance-id)",
-                    aws_sdk_servicediscovery::error::DisplayErrorContext(&e)
-                ))
-            })
+    fn client(&self) -> Result<&Client, LocateError> {
+        let built = self.client.get_or_init(|| {
+            // Short timeouts: from a bridge container with hop limit 1 the token PUT never answers,
+            // and the caller's start deadline, not IMDS, should decide how long we wait.
+            let builder = Client::builder()
+                .max_attempts(2)
+                .connect_timeout(Duration::from_secs(1))
+                .read_timeout(Duration::from_secs(2));
+            let builder = match &self.endpoint {
+                Some(ep) => builder.endpoint(ep).map_err(|e| {
+                    format!("EC2 instance metadata endpoint {ep:?} is not a URL: {e}")
+                })?,
+                None => builder,
+            };
+            Ok(builder.build())
+        });
+        built.as_ref().map_err(|m| LocateError::Invalid(m.clone()))
+    }
+
+    async fn get(&self, path: &str, purpose: Purpose) -> Result<String, LocateError> {
+        if self.disabled {
+            return Err(LocateError::Invalid(format!(
+                "EC2 instance metadata is turned off (AWS_EC2_METADATA_DISABLED=true): {}",
+                purpose.hint()
+            )));
+        }
+        match self.client()?.get(path).await {
+            Ok(v) => Ok(String::from(v).trim().to_string()),
+            Err(ImdsError::ErrorResponse(r)) => {
+                let status = r.response().status().as_u16();
+                let why = format!("EC2 instance metadata {path} answered HTTP {status}");
+                Err(match status {
+                    // 403: IMDS turned off for the instance (`http-endpoint=disabled`); not
+                    // retryable, and retrying would not change it.
+                    403 => LocateError::Invalid(format!(
+                        "{why} (instance metadata is turned off for this instance): {}",
+                        purpose.hint()
+                    )),
+                    _ => LocateError::NotReady(format!("{why}: {}", purpose.hint())),
+                })
+            }
+            // The cause chain on one line (a connection refused, a token PUT that timed out).
+            Err(e) => Err(LocateError::NotReady(format!(
+                "EC2 instance metadata {path} did not answer: {} ({})",
+                error_chain(&e),
+                purpose.hint()
+            ))),
+        }
     }
 
     /// Private IPv4, instance ID and availability zone.
-    pub async fn host(&self) -> Result<Host, LocateError> {
-        let ip = self.get("/latest/meta-data/local-ipv4").await?;
+    pub async fn host(&self, purpose: Purpose) -> Result<Host, LocateError> {
+        let ip = self.get("/latest/meta-data/local-ipv4", purpose).await?;
         let ipv4 = ip.parse::<Ipv4Addr>().map_err(|_| {
             LocateError::Invalid(format!(
                 "EC2 instance metadata local-ipv4 is {ip:?}, not an IPv4 address: set --ip (CLOUDMAP_IP)"
             ))
         })?;
-        let instance_id = self.get("/latest/meta-data/instance-id").await?;
+        let instance_id = self.get("/latest/meta-data/instance-id", purpose).await?;
+        // Only an attribute: left out (never sent empty) when IMDS does not give it.
         let availability_zone = self
-            .get("/latest/meta-data/placement/availability-zone")
+            .get("/latest/meta-data/placement/availability-zone", purpose)
             .await
-            .ok();
+            .ok()
+            .filter(|az| !az.is_empty());
         Ok(Host {
             ipv4,
             instance_id,

@@ -164,7 +164,8 @@ pub fn fresh_service(spec: ServiceSpec) -> TestService {
         } else {
             c.create_private_dns_namespace()
                 .name(format!("{namespace}.local"))
-                .vpc("vpc-test")
+                // moto allows one private DNS namespace per VPC (real Cloud Map allows many).
+                .vpc(unique("vpc"))
                 .send()
                 .await
                 .unwrap();
@@ -619,4 +620,97 @@ pub fn run_to_exit(cmd: Command, timeout: Duration) -> (i32, String) {
     let mut s = Sidecar::spawn(cmd);
     let code = s.wait(timeout);
     (code, s.log())
+}
+
+// ---------------------------------------------------------------------------------------------
+// EC2 instance metadata (IMDSv2)
+
+/// What the IMDS fake serves, from `tests/data/imds/` (`local-ipv4.txt`; the instance ID and AZ
+/// from `instance-identity-document.json`, as the EC2 user guide's examples give them).
+pub const IMDS_LOCAL_IPV4: &str = "10.1.2.22";
+pub const IMDS_INSTANCE_ID: &str = "i-1234567890abcdef0";
+pub const IMDS_AZ: &str = "us-west-2b";
+
+/// A loopback IMDSv2 that behaves like EC2 with `http-tokens=required` (moto's IMDS does not: its
+/// token reply lacks the TTL header, which aws-config's client requires):
+/// - `PUT /latest/api/token` needs `X-aws-ec2-metadata-token-ttl-seconds` (1..=21600, else 400),
+///   is refused with `X-Forwarded-For` (403) or on a version-specific path (403), and answers with
+///   the token and the TTL header;
+/// - `GET`/`HEAD` without a valid `X-aws-ec2-metadata-token` get 401 with an empty body;
+/// - known items answer 200 `text/plain`, unknown ones 404.
+pub fn imds_fake() -> HttpFake {
+    let token = read_data("imds/api-token-response-body.txt")
+        .trim()
+        .to_string();
+    let doc: serde_json::Value =
+        serde_json::from_str(&read_data("imds/instance-identity-document.json")).unwrap();
+    let field = |k: &str| doc[k].as_str().unwrap().to_string();
+    let items: HashMap<String, String> = [
+        (
+            "/latest/meta-data/local-ipv4",
+            read_data("imds/local-ipv4.txt").trim().to_string(),
+        ),
+        ("/latest/meta-data/instance-id", field("instanceId")),
+        (
+            "/latest/meta-data/placement/availability-zone",
+            field("availabilityZone"),
+        ),
+        ("/latest/meta-data/placement/region", field("region")),
+        (
+            "/latest/meta-data/local-hostname",
+            read_data("imds/local-hostname.txt").trim().to_string(),
+        ),
+        (
+            "/latest/meta-data/",
+            read_data("imds/meta-data-root-listing.txt"),
+        ),
+        (
+            "/latest/dynamic/instance-identity/document",
+            read_data("imds/instance-identity-document.json"),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(items["/latest/meta-data/local-ipv4"], IMDS_LOCAL_IPV4);
+    assert_eq!(items["/latest/meta-data/instance-id"], IMDS_INSTANCE_ID);
+    let ec2 = |status: u16, body: &str| {
+        Response::new(status, body.to_string())
+            .header("Server", "EC2ws")
+            .header("Content-Type", "text/plain")
+    };
+    HttpFake::start(move |req| match req.method.as_str() {
+        "PUT" if req.path == "/latest/api/token" => {
+            if req.header("x-forwarded-for").is_some() {
+                return ec2(403, "").into();
+            }
+            match req
+                .header("x-aws-ec2-metadata-token-ttl-seconds")
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            {
+                Some(ttl) if (1..=21600).contains(&ttl) => ec2(200, &token)
+                    .header("X-aws-ec2-metadata-token-ttl-seconds", &ttl.to_string())
+                    .into(),
+                _ => ec2(400, "").into(),
+            }
+        }
+        "PUT" if req.path.ends_with("/api/token") => ec2(403, "").into(),
+        "GET" | "HEAD" => {
+            if req.header("x-aws-ec2-metadata-token") != Some(token.as_str()) {
+                return ec2(401, "").into();
+            }
+            match items.get(req.path.as_str()) {
+                Some(v) => ec2(200, v).into(),
+                None => ec2(404, "").into(),
+            }
+        }
+        _ => ec2(405, "").into(),
+    })
+}
+
+/// The IMDS fake's token (what a valid `X-aws-ec2-metadata-token` carries).
+pub fn imds_token() -> String {
+    read_data("imds/api-token-response-body.txt")
+        .trim()
+        .to_string()
 }
