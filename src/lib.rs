@@ -15,6 +15,11 @@
 //! - [`health`]: HTTP probe and consecutive-result thresholds.
 //! - [`lifecycle`]: the state machine; [`lifecycle::shutdown`] owns every signal.
 //! - [`backoff`]: exponential backoff with full jitter, inside deadlines.
+//! - [`commands`]: the one-shot commands (`register`, `deregister`, `health`, `discover`);
+//!   [`lifecycle::oneshot`] holds the lifecycle steps they and the library API share.
+//! - [`state`]: the state file `run` keeps for `healthcheck`.
+//! - [`logging`]: text or JSON logs with stable field names.
+//! - [`Registration`]: the library API for Rust test harnesses.
 //!
 //! ## Environment
 //! Every flag `--some-flag` is also read from `CLOUDMAP_SOME_FLAG` (`--attribute`: `CLOUDMAP_ATTRIBUTES`).
@@ -29,14 +34,21 @@
 //! - 3: the instance may still be registered (stop budget exhausted, deregistration refused, or an
 //!   immediate stop by SIGQUIT or a third signal); the log names the instance and service.
 
+pub mod api;
 pub mod attributes;
 pub mod backoff;
+pub mod commands;
 pub mod config;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;
 pub mod metadata;
 pub mod registry;
+pub mod state;
+
+pub use api::{Registration, RegistrationBuilder};
+pub use lifecycle::oneshot::Error;
+pub use registry::Health;
 
 use std::time::Duration;
 

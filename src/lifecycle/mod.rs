@@ -2,6 +2,7 @@
 //! (deregister, drain) → exit status. Each phase has a deadline; stop requests arrive on a
 //! channel ([`shutdown::StopRequests`]).
 
+pub mod oneshot;
 pub mod shutdown;
 
 use std::time::Duration;
@@ -337,7 +338,8 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                 s = stops.next() => return (s, reported == Health::Healthy || p.service.custom_health),
                 r = report => match r {
                     Ok(()) => reported = desired,
-                    Err(e) => warn!(instance_id = %p.instance_id, "could not report {desired}: {e}; retrying at the next probe"),
+                    Err(e) => warn!(event = "health_report_failed", instance_id = %p.instance_id, service_id = %p.service.id,
+                        "could not report {desired}: {e}; retrying at the next probe"),
                 },
             }
         }

@@ -234,7 +234,7 @@ fn settings(args: &[&str]) -> Settings {
     let env = [("AWS_REGION", "us-east-1")];
     match config::parse(argv, &env) {
         Ok(Invocation::Run(s)) => *s,
-        Err(e) => panic!("{e:?}"),
+        other => panic!("{other:?}"),
     }
 }
 

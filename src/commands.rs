@@ -1,0 +1,155 @@
+//! The one-shot commands, for scripts and integration-test harnesses: `register`, `deregister`,
+//! `health` and `discover`. They take the same settings as `run`, do one thing and exit with the
+//! same codes (0 done; 1 runtime failure; 2 configuration; 3 the instance may be left registered).
+//! Their output goes to stdout (`register`: the instance ID; `discover`: JSON lines), logs to
+//! stderr.
+
+use std::io::Write;
+
+use tokio::time::Instant;
+use tracing::{error, info};
+
+use crate::config::{DiscoverHealth, Invocation, Settings};
+use crate::health::HttpProbe;
+use crate::lifecycle::oneshot::{self, Error};
+use crate::lifecycle::shutdown::{Stop, StopRequests};
+use crate::lifecycle::ExitStatus;
+use crate::metadata::{Discovery, Selection};
+use crate::registry::cloudmap::CloudMap;
+use crate::registry::discover;
+
+/// The address discovery `run` uses, from the same settings.
+pub fn locator(settings: &Settings) -> Discovery {
+    Discovery::new(
+        settings.ecs_metadata_uri.clone(),
+        Selection {
+            ip: settings.ip,
+            port: settings.port,
+            container: settings.container.clone(),
+            instance_id: settings.instance_id.clone(),
+        },
+    )
+}
+
+/// The probe `run` uses before registering, when `--health-url` is set.
+pub fn probe(settings: &Settings) -> Option<HttpProbe> {
+    settings
+        .health
+        .url
+        .as_deref()
+        .map(|url| HttpProbe::new(url, settings.health.timeout))
+}
+
+/// Run one one-shot command (`run` and `healthcheck` are not handled here).
+pub async fn execute(invocation: Invocation, mut stops: StopRequests) -> ExitStatus {
+    let (settings, name) = match &invocation {
+        Invocation::Register(s) => (s.as_ref(), "register"),
+        Invocation::Deregister(s) => (s.as_ref(), "deregister"),
+        Invocation::Health(s, _) => (s.as_ref(), "health"),
+        Invocation::Discover(s, _) => (s.as_ref(), "discover"),
+        Invocation::Run(_) | Invocation::Healthcheck(_) => return ExitStatus::Config,
+    };
+    let sdk = crate::aws_config().await;
+    if sdk.region().is_none() {
+        error!(event = "config_error", "no AWS region: set AWS_REGION");
+        return ExitStatus::Config;
+    }
+    let registry = CloudMap::from_config(&sdk);
+    let locator = locator(settings);
+    // Registration and deregistration are not abandoned half-way (one operation per instance at
+    // a time; an unknown outcome is worse than a short wait): a first stop request waits for the
+    // operation, a second one aborts. Reads and health updates stop at once.
+    let finish_first = matches!(
+        invocation,
+        Invocation::Register(_) | Invocation::Deregister(_)
+    );
+    let work = async {
+        match &invocation {
+            Invocation::Register(s) => {
+                let probe = probe(s);
+                oneshot::register(s, &registry, &locator, probe.as_ref())
+                    .await
+                    .map(|r| print_line(&r.instance_id))
+            }
+            Invocation::Deregister(s) => oneshot::deregister(s, &registry, &locator)
+                .await
+                .map(|_| ()),
+            Invocation::Health(s, health) => oneshot::set_health(s, &registry, &locator, *health)
+                .await
+                .map(|_| ()),
+            Invocation::Discover(s, filter) => {
+                discover_and_print(s, &sdk, &registry, *filter).await
+            }
+            Invocation::Run(_) | Invocation::Healthcheck(_) => Ok(()),
+        }
+    };
+    tokio::pin!(work);
+    let mut asked = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            s = stops.next() => {
+                if finish_first && !asked && s != Stop::Immediate {
+                    asked = true;
+                    info!("stop requested: finishing the operation in flight first (send another signal to abort)");
+                    continue;
+                }
+                let status = if finish_first { ExitStatus::LeftBehind } else { ExitStatus::Failure };
+                error!(event = "interrupted", "{name} interrupted; exit {}", status.code());
+                return status;
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitStatus::Clean,
+        Err(e) => {
+            let event = match e {
+                Error::Config(_) => "config_error",
+                Error::Runtime(_) => "failed",
+                Error::LeftBehind(_) => "left_behind",
+            };
+            error!(event, "{name}: {e}");
+            e.exit_status()
+        }
+    }
+}
+
+async fn discover_and_print(
+    settings: &Settings,
+    sdk: &aws_config::SdkConfig,
+    registry: &CloudMap,
+    filter: DiscoverHealth,
+) -> Result<(), Error> {
+    let endpoint = settings.discovery_endpoint.as_deref();
+    let data = discover::data_client(sdk, endpoint);
+    let deadline = Instant::now() + settings.start_timeout;
+    let found = discover::discover(
+        registry,
+        &data,
+        &settings.service,
+        filter,
+        endpoint.is_some(),
+        deadline,
+    )
+    .await?;
+    info!(
+        event = "discovered",
+        count = found.len(),
+        health = filter.as_str(),
+        "instances found"
+    );
+    for instance in &found {
+        match serde_json::to_string(instance) {
+            Ok(line) => print_line(&line),
+            Err(e) => return Err(Error::Runtime(format!("cannot print an instance: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// One line on stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
