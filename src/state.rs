@@ -114,13 +114,11 @@ impl State {
             self.instance_id.as_deref().unwrap_or("?"),
             self.service_id.as_deref().unwrap_or("?")
         );
-        if !pid_alive(self.pid) {
-            return Err(format!(
-                "the sidecar (pid {}) that wrote this state is not running",
-                self.pid
-            ));
-        }
         match self.phase {
+            Phase::Registered if !pid_alive(self.pid) => Err(format!(
+                "{who}: the sidecar (pid {}) that wrote this state is not running",
+                self.pid
+            )),
             Phase::Registered if self.report_failed => Err(format!(
                 "{who}: the last health report to Cloud Map failed (retrying)"
             )),
