@@ -1065,12 +1065,11 @@ mod tests {
                     line.contains(&format!("[env: {}]", env_name(long))),
                     "{name} --help: --{long} lacks its variable: {line}"
                 );
-                match default {
-                    Some(d) => assert!(
+                if let Some(d) = default {
+                    assert!(
                         line.contains(&format!("[default: {d}]")),
                         "{name} --help: --{long} lacks its default {d}: {line}"
-                    ),
-                    None => {}
+                    );
                 }
             }
         }
