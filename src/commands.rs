@@ -4,6 +4,7 @@
 //! Their output goes to stdout (`register`: the instance ID; `discover`: JSON lines), logs to
 //! stderr.
 
+use std::future::Future;
 use std::io::Write;
 
 use tokio::time::Instant;
@@ -56,49 +57,52 @@ pub async fn execute(invocation: Invocation, mut stops: StopRequests) -> ExitSta
     }
     let registry = CloudMap::from_config(&sdk);
     let locator = locator(settings);
-    // Registration and deregistration are not abandoned half-way (one operation per instance at
-    // a time; an unknown outcome is worse than a short wait): a first stop request waits for the
-    // operation, a second one aborts. Reads and health updates stop at once.
-    let finish_first = matches!(
-        invocation,
-        Invocation::Register(_) | Invocation::Deregister(_)
-    );
-    let work = async {
-        match &invocation {
-            Invocation::Register(s) => {
-                let probe = probe(s);
-                oneshot::register(s, &registry, &locator, probe.as_ref())
-                    .await
-                    .map(|r| print_line(&r.instance_id))
-            }
-            Invocation::Deregister(s) => oneshot::deregister(s, &registry, &locator)
-                .await
-                .map(|_| ()),
-            Invocation::Health(s, health) => oneshot::set_health(s, &registry, &locator, *health)
-                .await
-                .map(|_| ()),
-            Invocation::Discover(s, filter) => {
-                discover_and_print(s, &sdk, &registry, *filter).await
-            }
-            Invocation::Run(_) | Invocation::Healthcheck(_) => Ok(()),
-        }
-    };
-    tokio::pin!(work);
-    let mut asked = false;
-    let result = loop {
-        tokio::select! {
-            r = &mut work => break r,
-            s = stops.next() => {
-                if finish_first && !asked && s != Stop::Immediate {
-                    asked = true;
-                    info!("stop requested: finishing the operation in flight first (send another signal to abort)");
-                    continue;
+    let result = match &invocation {
+        Invocation::Register(s) => {
+            let probe = probe(s);
+            // Start-up changes nothing in Cloud Map: a stop request ends it at once.
+            let ready = tokio::select! {
+                biased;
+                _ = stops.next() => {
+                    error!(event = "interrupted", "register interrupted before anything was registered");
+                    return ExitStatus::Failure;
                 }
-                let status = if finish_first { ExitStatus::LeftBehind } else { ExitStatus::Failure };
-                error!(event = "interrupted", "{name} interrupted; exit {}", status.code());
-                return status;
+                r = oneshot::prepare(s, &registry, &locator, probe.as_ref()) => r,
+            };
+            match ready {
+                Ok(ready) => finish_first(
+                    oneshot::register_ready(s, &registry, ready),
+                    &mut stops,
+                    name,
+                )
+                .await
+                .map(|r| print_line(&r.instance_id)),
+                Err(e) => Err(e),
             }
         }
+        Invocation::Deregister(s) => finish_first(
+            oneshot::deregister(s, &registry, &locator),
+            &mut stops,
+            name,
+        )
+        .await
+        .map(|_| ()),
+        Invocation::Health(s, health) => stop_at_once(
+            oneshot::set_health(s, &registry, &locator, *health),
+            &mut stops,
+            name,
+        )
+        .await
+        .map(|_| ()),
+        Invocation::Discover(s, filter) => {
+            stop_at_once(
+                discover_and_print(s, &sdk, &registry, *filter),
+                &mut stops,
+                name,
+            )
+            .await
+        }
+        Invocation::Run(_) | Invocation::Healthcheck(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitStatus::Clean,
@@ -111,6 +115,45 @@ pub async fn execute(invocation: Invocation, mut stops: StopRequests) -> ExitSta
             error!(event, "{name}: {e}");
             e.exit_status()
         }
+    }
+}
+
+/// Registration and deregistration are not abandoned half-way (one operation per instance at a
+/// time; an unknown outcome is worse than a short wait): a first stop request waits for the
+/// operation, a second one aborts with exit 3.
+async fn finish_first<T>(
+    work: impl Future<Output = Result<T, Error>>,
+    stops: &mut StopRequests,
+    name: &str,
+) -> Result<T, Error> {
+    tokio::pin!(work);
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            s = stops.next() => {
+                if !asked && s != Stop::Immediate {
+                    asked = true;
+                    info!("stop requested: finishing {name} first (send another signal to abort)");
+                    continue;
+                }
+                return Err(Error::LeftBehind(format!(
+                    "{name} aborted: the instance may or may not be registered"
+                )));
+            }
+        }
+    }
+}
+
+/// Reads and health updates stop at the first request (exit 1).
+async fn stop_at_once<T>(
+    work: impl Future<Output = Result<T, Error>>,
+    stops: &mut StopRequests,
+    name: &str,
+) -> Result<T, Error> {
+    tokio::select! {
+        r = work => r,
+        _ = stops.next() => Err(Error::Runtime(format!("{name} interrupted"))),
     }
 }
 

@@ -252,6 +252,38 @@ fn one_shot_configuration_errors_exit_2_before_anything_is_registered() {
     assert_eq!(o.code, 2, "clap usage error: {}", o.stderr);
 }
 
+#[test]
+fn sigterm_while_register_waits_for_metadata_exits_1_with_nothing_registered() {
+    let svc = fresh_service(ServiceSpec::http_custom_health());
+    let meta = ecs_metadata(
+        read_data("ecs-v4/docs-2020-fargate-pv14-task.json"),
+        SIDECAR_CONTAINER.to_string(),
+        usize::MAX,
+    );
+    let mut c = cmd(&["register", "--service-id", &svc.id, "--port", "8080"]);
+    c.env(
+        "ECS_CONTAINER_METADATA_URI_V4",
+        format!("{}/v4/test", meta.url()),
+    );
+    let mut register = Sidecar::spawn(c);
+    register.wait_for_log(LONG, "address not available yet");
+    register.signal("TERM");
+    assert_eq!(
+        register.wait(Duration::from_secs(5)),
+        1,
+        "{}",
+        register.log()
+    );
+    assert!(
+        register
+            .log()
+            .contains("interrupted before anything was registered"),
+        "{}",
+        register.log()
+    );
+    assert!(instances(&svc.id).is_empty());
+}
+
 fn discover(svc: &TestService, extra: &[&str]) -> Outcome {
     let mut c = cmd(&[
         "discover",

@@ -80,6 +80,26 @@ pub async fn register<R: Registry, L: Locator, P: Probe>(
     locator: &L,
     probe: Option<&P>,
 ) -> Result<Registered, Error> {
+    let ready = prepare(settings, registry, locator, probe).await?;
+    register_ready(settings, registry, ready).await
+}
+
+/// What start-up established; nothing has been sent to Cloud Map that changes anything yet, so
+/// this step can be abandoned at any point.
+#[derive(Debug)]
+pub struct Ready {
+    p: Prepared,
+    health: Health,
+    deadline: Instant,
+}
+
+/// Start-up: service, address, instance ID, attributes and the first probe.
+pub async fn prepare<R: Registry, L: Locator, P: Probe>(
+    settings: &Settings,
+    registry: &R,
+    locator: &L,
+    probe: Option<&P>,
+) -> Result<Ready, Error> {
     let deadline = Instant::now() + settings.start_timeout;
     let mut sidecar = Sidecar {
         settings,
@@ -102,7 +122,25 @@ pub async fn register<R: Registry, L: Locator, P: Probe>(
             p.service.id
         )));
     }
+    Ok(Ready {
+        p,
+        health,
+        deadline,
+    })
+}
 
+/// Register what [`prepare`] established and follow the operation. Not to be abandoned half-way:
+/// Cloud Map runs one operation per instance at a time, and the outcome would be unknown.
+pub async fn register_ready<R: Registry>(
+    settings: &Settings,
+    registry: &R,
+    ready: Ready,
+) -> Result<Registered, Error> {
+    let Ready {
+        p,
+        health,
+        deadline,
+    } = ready;
     let mut attrs = p.attributes.clone();
     if p.service.custom_health {
         attrs.insert(attributes::AWS_INIT_HEALTH_STATUS, health.as_str());
