@@ -10,12 +10,14 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::attributes::{self, Attributes};
+use crate::registry::Health;
 
 /// Prefix of every variable that mirrors a flag.
 pub const ENV_PREFIX: &str = "CLOUDMAP_";
@@ -40,6 +42,11 @@ pub const DEFAULT_UNHEALTHY_THRESHOLD: &str = "3";
 /// How long start-up (metadata, service lookup, registration) may take before we give up with exit 1:
 /// long enough for a slow ECS agent, short enough that a broken task fails its deployment visibly.
 pub const DEFAULT_START_TIMEOUT: &str = "2m";
+/// Where `run` records its state for `healthcheck`: /tmp is writable in most containers and is
+/// private per container, so two sidecars on one host (systemd) need their own `--state-file`.
+pub const DEFAULT_STATE_FILE: &str = "/tmp/cloudmap-sidecar.state";
+/// `discover` lists what clients would use: the healthy instances.
+pub const DEFAULT_DISCOVER_HEALTH: &str = "HEALTHY";
 
 /// Exit status of configuration problems (also clap's own usage errors).
 pub const EXIT_CONFIG: u8 = 2;
@@ -59,10 +66,42 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
+/// Every command takes the full set of settings ([`RunArgs`]), so a flag added there is accepted,
+/// documented and read from its variable by all of them.
 #[derive(Subcommand, Debug)]
 pub enum Commands {
     /// Register, report health, deregister on SIGTERM/SIGINT (the default when no command is given).
     Run(RunArgs),
+    /// Register the instance once, print its ID, exit when Cloud Map has applied it; it stays registered.
+    Register(RunArgs),
+    /// Deregister the instance and exit when Cloud Map has applied it (an unknown instance is success).
+    Deregister(RunArgs),
+    /// Set the instance's custom health status (the service needs a custom health check).
+    Health(HealthArgs),
+    /// Print the service's instances as JSON lines, as clients discover them (DiscoverInstances).
+    Discover(DiscoverArgs),
+    /// Exit 0 while the running sidecar's instance is registered and its last health report was sent.
+    Healthcheck(RunArgs),
+}
+
+/// `health HEALTHY|UNHEALTHY`.
+#[derive(Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// The status to set.
+    #[arg(value_name = "HEALTHY|UNHEALTHY", value_parser = ["HEALTHY", "UNHEALTHY"], ignore_case = true)]
+    pub status: String,
+    #[command(flatten)]
+    pub settings: RunArgs,
+}
+
+/// `discover [--health FILTER]`.
+#[derive(Args, Debug, Clone)]
+pub struct DiscoverArgs {
+    /// Which instances to print: HEALTHY, UNHEALTHY, ALL or HEALTHY_OR_ELSE_ALL.
+    #[arg(long, value_name = "FILTER", default_value = DEFAULT_DISCOVER_HEALTH)]
+    pub health: Option<String>,
+    #[command(flatten)]
+    pub settings: RunArgs,
 }
 
 /// The settings of `run`. Every value stays a string here; [`Settings::from_raw`] validates them so
@@ -126,6 +165,12 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: Option<String>,
+    /// Endpoint for DiscoverInstances (`discover`), used as given, without the `data-` host prefix the SDK adds [default: data- + the Cloud Map endpoint's host].
+    #[arg(long, value_name = "URL")]
+    pub discovery_endpoint: Option<String>,
+    /// File where `run` records its state at each transition, read by `healthcheck`.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_FILE)]
+    pub state_file: Option<String>,
 }
 
 /// Where unset flags are looked up: the process environment in the binary, a map in tests.
@@ -197,6 +242,34 @@ pub fn command() -> clap::Command {
 #[derive(Debug)]
 pub enum Invocation {
     Run(Box<Settings>),
+    Register(Box<Settings>),
+    Deregister(Box<Settings>),
+    Health(Box<Settings>, Health),
+    Discover(Box<Settings>, DiscoverHealth),
+    /// Needs only the state file: the container's health check must not fail because an
+    /// unrelated setting is missing from its environment.
+    Healthcheck(PathBuf),
+}
+
+/// `discover --health`: Cloud Map's `HealthStatus` filter of DiscoverInstances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoverHealth {
+    Healthy,
+    Unhealthy,
+    All,
+    /// The healthy ones, or all when none is healthy (what DNS does: it fails open).
+    HealthyOrElseAll,
+}
+
+impl DiscoverHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiscoverHealth::Healthy => "HEALTHY",
+            DiscoverHealth::Unhealthy => "UNHEALTHY",
+            DiscoverHealth::All => "ALL",
+            DiscoverHealth::HealthyOrElseAll => "HEALTHY_OR_ELSE_ALL",
+        }
+    }
 }
 
 /// Parse and validate. `Err` carries clap's rendered message (usage, help, version) or our list of
@@ -221,10 +294,75 @@ where
         None => ("run".to_string(), matches.clone(), root.clone()),
     };
     let raw = Raw::collect(&sub_cmd, &sub_matches, env);
-    debug_assert_eq!(sub, "run");
-    Settings::from_raw(&raw, env)
-        .map(|s| Invocation::Run(Box::new(s)))
-        .map_err(ParseFailure::Invalid)
+    if sub == "healthcheck" {
+        return state_file(&raw)
+            .map(Invocation::Healthcheck)
+            .map_err(|e| ParseFailure::Invalid(ConfigErrors(vec![e])));
+    }
+    // `discover --health` is checked with the shared settings, so every problem shows at once.
+    let filter = if sub == "discover" {
+        Some(discover_health(&raw))
+    } else {
+        None
+    };
+    let settings = match (Settings::from_raw(&raw, env), filter) {
+        (Ok(s), None | Some(Ok(_))) => Box::new(s),
+        (Ok(_), Some(Err(e))) => return Err(ParseFailure::Invalid(ConfigErrors(vec![e]))),
+        (Err(mut errors), filter) => {
+            if let Some(Err(e)) = filter {
+                errors.0.push(e);
+            }
+            return Err(ParseFailure::Invalid(errors));
+        }
+    };
+    Ok(match sub.as_str() {
+        "register" => Invocation::Register(settings),
+        "deregister" => Invocation::Deregister(settings),
+        "health" => {
+            // clap accepted only HEALTHY or UNHEALTHY, in any case.
+            let status = sub_matches
+                .get_one::<String>("status")
+                .map(|s| s.to_ascii_uppercase());
+            let health = if status.as_deref() == Some("UNHEALTHY") {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            };
+            Invocation::Health(settings, health)
+        }
+        "discover" => Invocation::Discover(
+            settings,
+            discover_health(&raw).unwrap_or(DiscoverHealth::Healthy),
+        ),
+        _ => Invocation::Run(settings),
+    })
+}
+
+fn state_file(raw: &Raw) -> Result<PathBuf, ConfigError> {
+    let v = raw.one("state-file").unwrap_or(DEFAULT_STATE_FILE);
+    if v.trim().is_empty() {
+        return Err(ConfigError {
+            flag: "state-file".to_string(),
+            value: Some(v.to_string()),
+            problem: "must not be empty".to_string(),
+        });
+    }
+    Ok(PathBuf::from(v))
+}
+
+fn discover_health(raw: &Raw) -> Result<DiscoverHealth, ConfigError> {
+    let v = raw.one("health").unwrap_or(DEFAULT_DISCOVER_HEALTH);
+    match v.trim().to_ascii_uppercase().as_str() {
+        "HEALTHY" => Ok(DiscoverHealth::Healthy),
+        "UNHEALTHY" => Ok(DiscoverHealth::Unhealthy),
+        "ALL" => Ok(DiscoverHealth::All),
+        "HEALTHY_OR_ELSE_ALL" => Ok(DiscoverHealth::HealthyOrElseAll),
+        _ => Err(ConfigError {
+            flag: "health".to_string(),
+            value: Some(v.to_string()),
+            problem: "expected HEALTHY, UNHEALTHY, ALL or HEALTHY_OR_ELSE_ALL".to_string(),
+        }),
+    }
 }
 
 /// Why [`parse`] did not produce an invocation.
@@ -364,6 +502,10 @@ pub struct Settings {
     pub region_hint: Option<String>,
     /// `AWS_EC2_METADATA_DISABLED=true`: never ask EC2 instance metadata.
     pub ec2_metadata_disabled: bool,
+    /// DiscoverInstances endpoint, used without the SDK's `data-` host prefix; `None`: the SDK's.
+    pub discovery_endpoint: Option<String>,
+    /// Where `run` records its state for `healthcheck`.
+    pub state_file: PathBuf,
 }
 
 /// One invalid setting.
@@ -675,6 +817,25 @@ impl Settings {
             }
         };
 
+        let discovery_endpoint = c.text("discovery-endpoint");
+        if let Some(url) = &discovery_endpoint {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => c.fail(
+                    "discovery-endpoint",
+                    Some(url),
+                    "expected a URL such as https://data-servicediscovery.eu-west-1.amazonaws.com or your VPC endpoint's",
+                ),
+            }
+        }
+        let state_file = match state_file(c.raw) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                c.errors.push(e);
+                None
+            }
+        };
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -704,6 +865,8 @@ impl Settings {
             ec2_metadata_disabled: env
                 .get(ENV_EC2_METADATA_DISABLED)
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
+            discovery_endpoint,
+            state_file: state_file.unwrap_or_default(),
         };
         Ok(settings)
     }
@@ -768,6 +931,7 @@ mod tests {
         argv.extend_from_slice(args);
         match parse(argv, &env) {
             Ok(Invocation::Run(s)) => Ok(*s),
+            Ok(other) => panic!("expected run, got {other:?}"),
             Err(ParseFailure::Invalid(e)) => Err(e),
             Err(ParseFailure::Clap(e)) => panic!("clap refused the arguments: {e}"),
         }
@@ -808,6 +972,8 @@ mod tests {
             ("CLOUDMAP_START_TIMEOUT", "45"),
             ("CLOUDMAP_LOG_FORMAT", "json"),
             ("CLOUDMAP_LOG_LEVEL", "DEBUG"),
+            ("CLOUDMAP_DISCOVERY_ENDPOINT", "https://vpce-1.example.com"),
+            ("CLOUDMAP_STATE_FILE", "/run/cms.state"),
             (
                 "ECS_CONTAINER_METADATA_URI_V4",
                 "http://169.254.170.2/v4/abc",
@@ -866,6 +1032,13 @@ mod tests {
         assert_eq!(s.health.url, None);
         assert!(!s.ec2_metadata_disabled);
 
+        let s = parse_with(&[], &env).unwrap();
+        assert_eq!(
+            s.discovery_endpoint.as_deref(),
+            Some("https://vpce-1.example.com")
+        );
+        assert_eq!(s.state_file, PathBuf::from("/run/cms.state"));
+
         let s = parse_with(&[], &[("CLOUDMAP_SERVICE_ID", "srv-xyz")]).unwrap();
         assert_eq!(s.service, ServiceRef::Id("srv-xyz".into()));
     }
@@ -889,6 +1062,163 @@ mod tests {
         assert_eq!(env_name("attribute"), "CLOUDMAP_ATTRIBUTES");
     }
 
+    /// Every command's `--help` (and the top level's) shows every setting with its variable,
+    /// and the default of those that have one.
+    #[test]
+    fn every_help_lists_every_setting_with_its_variable_and_default() {
+        let settings: Vec<(String, Option<String>)> =
+            RunArgs::augment_args(clap::Command::new("x"))
+                .get_arguments()
+                .filter_map(|a| {
+                    a.get_long().map(|l| {
+                        (
+                            l.to_string(),
+                            a.get_default_values()
+                                .first()
+                                .map(|d| d.to_string_lossy().into_owned()),
+                        )
+                    })
+                })
+                .collect();
+        assert!(settings.len() >= 20, "{settings:?}");
+        let mut cmd = command();
+        let mut helps = vec![(
+            "cloudmap-sidecar".to_string(),
+            cmd.render_long_help().to_string(),
+        )];
+        let names: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .filter(|n| n != "help")
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "run",
+                "register",
+                "deregister",
+                "health",
+                "discover",
+                "healthcheck"
+            ]
+        );
+        for name in names {
+            let sub = cmd.find_subcommand_mut(&name).unwrap();
+            helps.push((name, sub.render_long_help().to_string()));
+        }
+        for (name, help) in &helps {
+            for (long, default) in &settings {
+                let line = help
+                    .lines()
+                    .skip_while(|l| !l.contains(&format!("--{long} ")))
+                    .take_while(|l| {
+                        !l.trim_start().starts_with("--") || l.contains(&format!("--{long} "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                assert!(!line.is_empty(), "{name} --help lacks --{long}:\n{help}");
+                assert!(
+                    line.contains(&format!("[env: {}]", env_name(long))),
+                    "{name} --help: --{long} lacks its variable: {line}"
+                );
+                if let Some(d) = default {
+                    assert!(
+                        line.contains(&format!("[default: {d}]")),
+                        "{name} --help: --{long} lacks its default {d}: {line}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_command_takes_the_shared_settings() {
+        let env = [
+            ("CLOUDMAP_SERVICE_ID", "srv-env"),
+            ("CLOUDMAP_INSTANCE_ID", "i-1"),
+        ];
+        match parse(["x", "register", "--ip", "10.0.0.1"], &env).unwrap() {
+            Invocation::Register(s) => {
+                assert_eq!(s.service, ServiceRef::Id("srv-env".into()));
+                assert_eq!(s.instance_id.as_deref(), Some("i-1"));
+                assert_eq!(s.ip, Some("10.0.0.1".parse().unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(["x", "deregister"], &env).unwrap(),
+            Invocation::Deregister(_)
+        ));
+        match parse(["x", "health", "unhealthy", "--stop-timeout", "9s"], &env).unwrap() {
+            Invocation::Health(s, h) => {
+                assert_eq!(h, Health::Unhealthy);
+                assert_eq!(s.stop_timeout, Duration::from_secs(9));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(["x", "health", "HEALTHY"], &env).unwrap() {
+            Invocation::Health(_, h) => assert_eq!(h, Health::Healthy),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(["x", "health", "sick"], &env),
+            Err(ParseFailure::Clap(_))
+        ));
+        match parse(["x", "discover"], &env).unwrap() {
+            Invocation::Discover(_, f) => assert_eq!(f, DiscoverHealth::Healthy),
+            other => panic!("{other:?}"),
+        }
+        let all = [
+            ("CLOUDMAP_SERVICE_ID", "srv-env"),
+            ("CLOUDMAP_HEALTH", "healthy_or_else_all"),
+        ];
+        match parse(["x", "discover"], &all).unwrap() {
+            Invocation::Discover(_, f) => assert_eq!(f, DiscoverHealth::HealthyOrElseAll),
+            other => panic!("{other:?}"),
+        }
+        match parse(["x", "discover", "--health", "ALL"], &env).unwrap() {
+            Invocation::Discover(_, f) => assert_eq!(f, DiscoverHealth::All),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn discover_reports_a_bad_filter_with_the_other_errors() {
+        let Err(ParseFailure::Invalid(e)) = parse(
+            ["x", "discover", "--health", "SOME", "--port", "0"],
+            &[("CLOUDMAP_SERVICE_ID", "srv-a")],
+        ) else {
+            panic!("expected configuration errors");
+        };
+        let text = e.to_string();
+        assert_eq!(e.0.len(), 2, "{text}");
+        assert!(
+            text.contains("--health (CLOUDMAP_HEALTH) = \"SOME\""),
+            "{text}"
+        );
+        let Err(ParseFailure::Invalid(e)) = parse(
+            ["x", "discover", "--discovery-endpoint", "not a url"],
+            &[("CLOUDMAP_SERVICE_ID", "srv-a")],
+        ) else {
+            panic!("expected configuration errors");
+        };
+        assert!(e
+            .to_string()
+            .contains("--discovery-endpoint (CLOUDMAP_DISCOVERY_ENDPOINT)"));
+    }
+
+    #[test]
+    fn healthcheck_needs_only_the_state_file() {
+        match parse(["x", "healthcheck"], &BTreeMap::new()).unwrap() {
+            Invocation::Healthcheck(p) => assert_eq!(p, PathBuf::from(DEFAULT_STATE_FILE)),
+            other => panic!("{other:?}"),
+        }
+        match parse(["x", "healthcheck"], &[("CLOUDMAP_STATE_FILE", "/run/x")]).unwrap() {
+            Invocation::Healthcheck(p) => assert_eq!(p, PathBuf::from("/run/x")),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn the_command_line_wins_over_the_environment() {
         let s = parse_with(
@@ -905,7 +1235,9 @@ mod tests {
         let env = BTreeMap::new();
         let a = parse(["x", "run", "--service-id", "srv-a", "--port", "9"], &env).unwrap();
         let b = parse(["x", "--service-id", "srv-a", "--port", "9"], &env).unwrap();
-        let (Invocation::Run(a), Invocation::Run(b)) = (a, b);
+        let (Invocation::Run(a), Invocation::Run(b)) = (a, b) else {
+            panic!("both are run");
+        };
         assert_eq!(a, b);
     }
 

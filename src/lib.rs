@@ -15,6 +15,11 @@
 //! - [`health`]: probes (HTTP, ECS container health) and consecutive-result thresholds.
 //! - [`lifecycle`]: the state machine; [`lifecycle::shutdown`] owns every signal.
 //! - [`backoff`]: exponential backoff with full jitter, inside deadlines.
+//! - [`commands`]: the one-shot commands (`register`, `deregister`, `health`, `discover`);
+//!   [`lifecycle::oneshot`] holds the lifecycle steps they and the library API share.
+//! - [`state`]: the state file `run` keeps for `healthcheck`.
+//! - [`logging`]: text or JSON logs with stable field names.
+//! - [`Registration`]: the library API for Rust test harnesses.
 //!
 //! ## Environment
 //! Every flag `--some-flag` is also read from `CLOUDMAP_SOME_FLAG` (`--attribute`: `CLOUDMAP_ATTRIBUTES`).
@@ -30,14 +35,21 @@
 //! - 3: the instance may still be registered (stop budget exhausted, deregistration refused, or an
 //!   immediate stop by SIGQUIT or a third signal); the log names the instance and service.
 
+pub mod api;
 pub mod attributes;
 pub mod backoff;
+pub mod commands;
 pub mod config;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;
 pub mod metadata;
 pub mod registry;
+pub mod state;
+
+pub use api::{Registration, RegistrationBuilder};
+pub use lifecycle::oneshot::Error;
+pub use registry::Health;
 
 use std::time::Duration;
 
@@ -47,10 +59,10 @@ use aws_config::BehaviorVersion;
 use tracing::{error, info};
 
 use config::Settings;
-use health::{AnyProbe, ContainerHealthProbe, HttpProbe};
+use health::AnyProbe;
 use lifecycle::shutdown::StopRequests;
 use lifecycle::ExitStatus;
-use metadata::{imds::Imds, Discovery, Selection};
+use metadata::Discovery;
 use registry::cloudmap::CloudMap;
 
 /// The AWS SDK configuration from the standard chain, with timeouts that fit inside our deadlines.
@@ -81,28 +93,7 @@ pub async fn run(settings: Settings, mut stops: StopRequests) -> ExitStatus {
         return ExitStatus::Config;
     }
     let registry = CloudMap::from_config(&sdk);
-    let selection = Selection {
-        ip: settings.ip,
-        port: settings.port,
-        container: settings.container.clone(),
-        instance_id: settings.instance_id.clone(),
-        health_container: settings.health.from_container.clone(),
-    };
-    let locator = Discovery::new(settings.ecs_metadata_uri.clone(), selection)
-        .with_imds(Imds::new(None, settings.ec2_metadata_disabled));
-    // Settings allow one health source, and --health-from-container only with ECS metadata.
-    let probe = match (
-        &settings.health.url,
-        &settings.health.from_container,
-        &settings.ecs_metadata_uri,
-    ) {
-        (Some(url), _, _) => Some(AnyProbe::Http(HttpProbe::new(url, settings.health.timeout))),
-        (None, Some(name), Some(uri)) => Some(AnyProbe::Container(ContainerHealthProbe::new(
-            uri,
-            name,
-            settings.health.timeout,
-        ))),
-        _ => None,
-    };
+    let locator = Discovery::from_settings(&settings);
+    let probe = AnyProbe::from_settings(&settings);
     lifecycle::run(&settings, &registry, &locator, probe.as_ref(), &mut stops).await
 }

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use cloudmap_sidecar::config::{self, Invocation, ParseFailure, ProcessEnv, EXIT_CONFIG};
 use cloudmap_sidecar::lifecycle::{shutdown, ExitStatus};
-use cloudmap_sidecar::logging;
+use cloudmap_sidecar::state::{self, StateLayer};
+use cloudmap_sidecar::{commands, logging};
 
 fn main() -> ExitCode {
     // Before anything else, so that a stop during start-up is never lost.
@@ -26,8 +27,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let Invocation::Run(settings) = invocation;
-    logging::init(settings.log_format, &settings.log_level);
+    // No runtime, no network: a container health check runs this every few seconds.
+    if let Invocation::Healthcheck(path) = &invocation {
+        return ExitCode::from(state::healthcheck(path));
+    }
+    let mut state_error = None;
+    match &invocation {
+        Invocation::Run(s) => {
+            let (layer, written) = StateLayer::new(s.state_file.clone());
+            state_error = written
+                .err()
+                .map(|e| format!("cannot write the state file {} (--state-file, CLOUDMAP_STATE_FILE): {e}; `healthcheck` will report unhealthy", s.state_file.display()));
+            logging::init_with_state(s.log_format, &s.log_level, Some(layer));
+        }
+        Invocation::Register(s)
+        | Invocation::Deregister(s)
+        | Invocation::Health(s, _)
+        | Invocation::Discover(s, _) => logging::init(s.log_format, &s.log_level),
+        Invocation::Healthcheck(_) => {}
+    }
+    if let Some(why) = state_error {
+        tracing::warn!("{why}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -38,6 +59,9 @@ fn main() -> ExitCode {
             return ExitCode::from(ExitStatus::Failure.code());
         }
     };
-    let status = runtime.block_on(cloudmap_sidecar::run(*settings, stops));
+    let status = match invocation {
+        Invocation::Run(settings) => runtime.block_on(cloudmap_sidecar::run(*settings, stops)),
+        other => runtime.block_on(commands::execute(other, stops)),
+    };
     ExitCode::from(status.code())
 }

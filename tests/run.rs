@@ -376,7 +376,8 @@ fn the_drain_defaults_to_the_dns_ttl_and_happens_after_deregistration() {
     let exited = sent.elapsed();
     assert!(
         exited >= Duration::from_secs(2),
-        "kept serving for the 2 s TTL: {exited:?}"
+        "kept serving for the 2 s TTL: {exited:?}\n{}",
+        sidecar.log()
     );
     assert!(
         gone < exited,

@@ -58,6 +58,21 @@ pub enum AnyProbe {
     Container(ContainerHealthProbe),
 }
 
+impl AnyProbe {
+    /// The probe the settings ask for, if any. Settings allow one health source, and
+    /// `--health-from-container` only with ECS metadata.
+    pub fn from_settings(settings: &crate::config::Settings) -> Option<AnyProbe> {
+        let h = &settings.health;
+        match (&h.url, &h.from_container, &settings.ecs_metadata_uri) {
+            (Some(url), _, _) => Some(AnyProbe::Http(HttpProbe::new(url, h.timeout))),
+            (None, Some(name), Some(uri)) => Some(AnyProbe::Container(ContainerHealthProbe::new(
+                uri, name, h.timeout,
+            ))),
+            _ => None,
+        }
+    }
+}
+
 impl Probe for AnyProbe {
     async fn check(&self) -> Result<(), String> {
         match self {

@@ -2,6 +2,7 @@
 //! (deregister, drain) → exit status. Each phase has a deadline; stop requests arrive on a
 //! channel ([`shutdown::StopRequests`]).
 
+pub mod oneshot;
 pub mod shutdown;
 
 use std::time::Duration;
@@ -168,6 +169,8 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         }
         match pending {
             Some(Stop::Immediate) => return self.abandon(&p),
+            // The instance may have been visible (and cached by resolvers) for a moment: drain.
+            Some(Stop::Graceful) => return self.stop(&p, true, false, stops).await,
             Some(_) => return self.stop(&p, true, true, stops).await,
             None => {}
         }
@@ -339,7 +342,8 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                 s = stops.next() => return (s, reported == Health::Healthy || p.service.custom_health),
                 r = report => match r {
                     Ok(()) => reported = desired,
-                    Err(e) => warn!(instance_id = %p.instance_id, "could not report {desired}: {e}; retrying at the next probe"),
+                    Err(e) => warn!(event = "health_report_failed", instance_id = %p.instance_id, service_id = %p.service.id,
+                        "could not report {desired}: {e}; retrying at the next probe"),
                 },
             }
         }

@@ -234,7 +234,7 @@ fn settings(args: &[&str]) -> Settings {
     let env = [("AWS_REGION", "us-east-1")];
     match config::parse(argv, &env) {
         Ok(Invocation::Run(s)) => *s,
-        Err(e) => panic!("{e:?}"),
+        other => panic!("{other:?}"),
     }
 }
 
@@ -440,7 +440,7 @@ async fn metadata_late_by_a_few_attempts_still_registers() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stop_during_registration_deregisters_once_registration_completes_without_drain() {
+async fn a_stop_during_registration_deregisters_once_registration_completes_then_drains() {
     let s = settings(&["--drain", "10s"]);
     let mut reg = FakeRegistry::new(service(false, Some(60)));
     reg.register_latency = Duration::from_secs(2);
@@ -451,8 +451,8 @@ async fn a_stop_during_registration_deregisters_once_registration_completes_with
     assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
     assert_eq!(
         took,
-        Duration::from_secs(2),
-        "no drain after an aborted start"
+        Duration::from_secs(2 + 10),
+        "drained: the instance may have been visible, and cached, for a moment"
     );
 }
 

@@ -239,6 +239,21 @@ impl Discovery {
     }
 }
 
+impl Discovery {
+    /// The discovery every command uses, from the settings.
+    pub fn from_settings(settings: &crate::config::Settings) -> Discovery {
+        let selection = Selection {
+            ip: settings.ip,
+            port: settings.port,
+            container: settings.container.clone(),
+            instance_id: settings.instance_id.clone(),
+            health_container: settings.health.from_container.clone(),
+        };
+        Discovery::new(settings.ecs_metadata_uri.clone(), selection)
+            .with_imds(imds::Imds::new(None, settings.ec2_metadata_disabled))
+    }
+}
+
 impl Locator for Discovery {
     async fn locate(&self) -> Result<Location, LocateError> {
         let sel = &self.selection;

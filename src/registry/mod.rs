@@ -2,6 +2,7 @@
 //! that records calls, and [`cloudmap::CloudMap`], the real AWS Cloud Map client.
 
 pub mod cloudmap;
+pub mod discover;
 
 use std::fmt;
 use std::time::Duration;
