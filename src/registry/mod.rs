@@ -181,4 +181,13 @@ pub trait Registry {
         instance_id: &str,
         deadline: Instant,
     ) -> Result<(), RegistryError>;
+
+    /// `GetInstance`: the attributes Cloud Map holds for the instance, or `None` when it is not
+    /// registered (for the periodic re-assert).
+    async fn instance(
+        &self,
+        service_id: &str,
+        instance_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<Attributes>, RegistryError>;
 }
