@@ -620,3 +620,4 @@ pub fn run_to_exit(cmd: Command, timeout: Duration) -> (i32, String) {
     let code = s.wait(timeout);
     (code, s.log())
 }
+pub mod proxy;
