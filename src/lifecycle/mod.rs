@@ -190,6 +190,8 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             Some(_) => return self.stop(&p, true, true, stops).await,
             None => {}
         }
+        info!(event = "serving", instance_id = %p.instance_id, service_id = %p.service.id,
+            "registration complete; watching health until stopped");
 
         let (stop, registered) = self.serve(&p, initial, stops).await;
         match stop {

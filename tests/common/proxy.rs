@@ -638,9 +638,8 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
             return out;
         };
         let size_text = String::from_utf8_lossy(&data[..end]).to_string();
-        let size =
-            usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
-                .unwrap_or(0);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
         if size == 0 || data.len() < end + 2 + size {
             return out;
         }
