@@ -931,3 +931,36 @@ fn fifty_sidecars_behind_a_20_calls_per_second_limit_all_register_and_deregister
     }
     assert!(instances(&svc.id).is_empty(), "all deregistered");
 }
+
+#[test]
+fn after_sigterm_the_instance_is_gone_before_exit_and_exit_waits_for_the_drain() {
+    let svc = fresh_service(ServiceSpec::http_custom_health());
+    let proxy = Proxy::start();
+    let mut s = sidecar(
+        &proxy,
+        &svc,
+        "drain-2",
+        &["--drain", "3s", "--reassert-interval", "0"],
+    );
+    wait_registered(&svc, "drain-2", &s);
+    let sent = Instant::now();
+    s.signal("TERM");
+    wait_for(&s, "deregistered", || instances(&svc.id).is_empty());
+    let gone = sent.elapsed();
+    assert_eq!(s.wait(LONG), 0, "{}", s.log());
+    let exited = sent.elapsed();
+    assert!(gone < exited, "gone ({gone:?}) before exit ({exited:?})");
+    assert!(
+        exited >= Duration::from_secs(3),
+        "kept serving for the drain: {exited:?}"
+    );
+    let dereg = proxy
+        .calls()
+        .into_iter()
+        .find(|c| c.op == "DeregisterInstance")
+        .unwrap();
+    assert!(
+        dereg.at.elapsed() >= Duration::from_secs(3),
+        "the drain came after the deregistration"
+    );
+}
