@@ -964,3 +964,29 @@ fn after_sigterm_the_instance_is_gone_before_exit_and_exit_waits_for_the_drain()
         "the drain came after the deregistration"
     );
 }
+
+#[test]
+fn get_operation_denied_after_an_accepted_registration_is_cleaned_up() {
+    // The role may call RegisterInstance but not GetOperation: the registration took effect, yet
+    // the sidecar cannot confirm it. It must not exit claiming nothing is registered while the
+    // instance is there: it deregisters, and as it cannot confirm that either, it exits 3 with the
+    // instance named in the log.
+    let svc = fresh_service(ServiceSpec::http_custom_health());
+    let proxy = Proxy::start();
+    proxy.always("GetOperation", Fault::Error(400, "AccessDeniedException"));
+    let mut cmd = sidecar_command(&proxy.url());
+    cmd.args([
+        "--service-id",
+        &svc.id,
+        "--ip",
+        IP,
+        "--instance-id",
+        "blind-1",
+    ]);
+    let (code, log) = run_to_exit(cmd, LONG);
+    assert_eq!(code, 3, "{log}");
+    assert!(log.contains("servicediscovery:GetOperation"), "{log}");
+    assert!(log.contains("event=\"left_behind\""), "{log}");
+    assert_eq!(proxy.count("DeregisterInstance"), 1, "cleanup attempted");
+    assert!(instances(&svc.id).is_empty(), "not orphaned");
+}

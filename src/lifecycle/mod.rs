@@ -174,6 +174,11 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                 // Cloud Map may have accepted it after all: make sure nothing is left behind.
                 return self.stop(&p, true, true, stops).await.min_failure();
             }
+            Err(e @ RegistryError::Unconfirmed { .. }) => {
+                error!(event = "start_failed", instance_id = %p.instance_id, service_id = %p.service.id,
+                    "registration failed: {e}; deregistering in case it took effect");
+                return self.stop(&p, true, true, stops).await.min_failure();
+            }
             Err(e) => {
                 let status = if e.is_configuration() {
                     ExitStatus::Config

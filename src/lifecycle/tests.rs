@@ -1019,3 +1019,23 @@ async fn a_restart_with_the_same_instance_id_replaces_the_attributes_and_pushes_
     );
     assert!(reg.instances.borrow().is_empty(), "deregistered at stop");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_registration_accepted_but_unconfirmed_is_cleaned_up_and_exits_1() {
+    let s = settings(&[]);
+    let reg = FakeRegistry::new(service(false, None));
+    reg.register_results
+        .borrow_mut()
+        .push_back(Err(RegistryError::Unconfirmed {
+            operation_id: "op-1".into(),
+            error: "GetOperation: access denied".into(),
+        }));
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Failure);
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "deregister"],
+        "it may have been registered: never orphaned"
+    );
+}

@@ -170,7 +170,19 @@ impl CloudMap {
                         ));
                     }
                 }
-                other => return other,
+                Ok(()) => return Ok(()),
+                Err(
+                    e @ (RegistryError::OperationFailed { .. }
+                    | RegistryError::DeadlineExceeded { .. }),
+                ) => return Err(e),
+                // Accepted, but we cannot see how it ended: the caller must not assume either way
+                // (a registration may have happened, a deregistration may not have).
+                Err(e) => {
+                    return Err(RegistryError::Unconfirmed {
+                        operation_id,
+                        error: e.to_string(),
+                    })
+                }
             }
         }
     }

@@ -107,6 +107,9 @@ pub enum RegistryError {
     InstanceNotFound(String),
     /// The phase deadline passed; the last error is kept for the log.
     DeadlineExceeded { what: String, last_error: String },
+    /// Cloud Map accepted the request (it returned an operation), but its outcome could not be
+    /// learnt (e.g. `GetOperation` denied): the change may or may not have happened.
+    Unconfirmed { operation_id: String, error: String },
 }
 
 impl RegistryError {
@@ -132,6 +135,14 @@ impl fmt::Display for RegistryError {
                 message,
             } => write!(f, "operation {operation_id} failed: {code}: {message}"),
             RegistryError::InstanceNotFound(id) => write!(f, "instance {id} is not registered"),
+            RegistryError::Unconfirmed {
+                operation_id,
+                error,
+            } => write!(
+                f,
+                "operation {operation_id} was accepted but its outcome is unknown: {error} \
+                 (grant servicediscovery:GetOperation)"
+            ),
             RegistryError::DeadlineExceeded { what, last_error } => {
                 write!(
                     f,
