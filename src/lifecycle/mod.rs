@@ -192,7 +192,10 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         }
         match pending {
             Some(Stop::Immediate) => return self.abandon(&p),
-            Some(_) => return self.stop(&p, true, true, stops).await,
+            // The instance was visible in Cloud Map, however briefly, and clients may have cached
+            // it: a first stop request gets the full graceful stop, drain included.
+            Some(Stop::Graceful) => return self.stop(&p, true, false, stops).await,
+            Some(Stop::SkipDrain) => return self.stop(&p, true, true, stops).await,
             None => {}
         }
         info!(event = "serving", instance_id = %p.instance_id, service_id = %p.service.id,

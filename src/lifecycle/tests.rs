@@ -479,7 +479,7 @@ async fn metadata_late_by_a_few_attempts_still_registers() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stop_during_registration_deregisters_once_registration_completes_without_drain() {
+async fn a_stop_during_registration_deregisters_once_registration_completes_then_drains() {
     let s = settings(&["--drain", "10s"]);
     let mut reg = FakeRegistry::new(service(false, Some(60)));
     reg.register_latency = Duration::from_secs(2);
@@ -488,11 +488,22 @@ async fn a_stop_during_registration_deregisters_once_registration_completes_with
     let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
     assert_eq!(status, ExitStatus::Clean);
     assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+    assert_eq!(reg.times("deregister"), [Duration::from_secs(2)]);
     assert_eq!(
         took,
-        Duration::from_secs(2),
-        "no drain after an aborted start"
+        Duration::from_secs(2 + 10),
+        "it was visible, so clients may hold it: drained"
     );
+
+    // Two signals while registering: no drain.
+    let mut reg = FakeRegistry::new(service(false, Some(60)));
+    reg.register_latency = Duration::from_secs(2);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_millis(1_000), Signal::Stop);
+    stop_after(&tx, Duration::from_millis(1_500), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(took, Duration::from_secs(2));
 }
 
 #[tokio::test(start_paused = true)]
