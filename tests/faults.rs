@@ -507,7 +507,6 @@ fn a_stop_while_registering_deregisters_once_registration_completes() {
     wait_for(&s, "registration sent", || {
         proxy.count("RegisterInstance") == 1
     });
-    let sent = Instant::now();
     s.signal("TERM");
     assert_eq!(s.wait(LONG), 0, "{}", s.log());
     assert!(instances(&svc.id).is_empty(), "not left behind");
