@@ -48,6 +48,15 @@ pub const DEFAULT_STATE_FILE: &str = "/tmp/cloudmap-sidecar.state";
 /// `discover` lists what clients would use: the healthy instances.
 pub const DEFAULT_DISCOVER_HEALTH: &str = "HEALTHY";
 
+/// No start jitter unless asked for: a single task should register at once; operators who start
+/// hundreds of tasks together set it (throttling is handled by the backoff either way).
+pub const DEFAULT_START_JITTER: &str = "0";
+/// Rare enough to cost nothing (one GetInstance per task every 5 minutes), often enough that an
+/// instance removed by hand or by a sweeper comes back before anyone notices.
+pub const DEFAULT_REASSERT_INTERVAL: &str = "5m";
+/// Deregistering first takes the address out of DNS at once; unhealthy-first is opt-in.
+pub const DEFAULT_DRAIN_MODE: &str = "deregister";
+
 /// Exit status of configuration problems (also clap's own usage errors).
 pub const EXIT_CONFIG: u8 = 2;
 
@@ -171,6 +180,15 @@ pub struct RunArgs {
     /// File where `run` records its state at each transition, read by `healthcheck`.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_STATE_FILE)]
     pub state_file: Option<String>,
+    /// How a stop takes the instance out: deregister (then drain), or unhealthy-first (mark it UNHEALTHY, drain, then deregister; services with custom health only).
+    #[arg(long, value_name = "deregister|unhealthy-first", default_value = DEFAULT_DRAIN_MODE)]
+    pub drain_mode: Option<String>,
+    /// Random delay, up to this, before the first Cloud Map call, to spread the start of many tasks (0: none).
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_START_JITTER)]
+    pub start_jitter: Option<String>,
+    /// How often GetInstance confirms the instance is still registered with its attributes; it is registered again if not (0: never).
+    #[arg(long, value_name = "DURATION", default_value = DEFAULT_REASSERT_INTERVAL)]
+    pub reassert_interval: Option<String>,
 }
 
 /// Where unset flags are looked up: the process environment in the binary, a map in tests.
@@ -468,6 +486,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// How a stop takes the instance out of Cloud Map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Deregister, then keep serving for the drain time.
+    Deregister,
+    /// Mark UNHEALTHY, keep serving for the drain time, then deregister (custom health only).
+    UnhealthyFirst,
+}
+
 /// Health of the application: an HTTP probe or the ECS container health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthSettings {
@@ -500,6 +527,11 @@ pub struct Settings {
     pub ecs_metadata_uri: Option<String>,
     /// `AWS_REGION`, for the `REGION` attribute (the SDK reads the rest of its chain itself).
     pub region_hint: Option<String>,
+    pub drain_mode: DrainMode,
+    /// Upper bound of the random delay before the first Cloud Map call.
+    pub start_jitter: Duration,
+    /// `ZERO`: no re-assert.
+    pub reassert_interval: Duration,
     /// `AWS_EC2_METADATA_DISABLED=true`: never ask EC2 instance metadata.
     pub ec2_metadata_disabled: bool,
     /// DiscoverInstances endpoint, used without the SDK's `data-` host prefix; `None`: the SDK's.
@@ -835,6 +867,20 @@ impl Settings {
                 None
             }
         };
+        let drain_mode = match c.raw.one("drain-mode").map(str::trim) {
+            None | Some("deregister") => Some(DrainMode::Deregister),
+            Some("unhealthy-first") => Some(DrainMode::UnhealthyFirst),
+            Some(other) => {
+                c.fail(
+                    "drain-mode",
+                    Some(other),
+                    "expected deregister or unhealthy-first",
+                );
+                None
+            }
+        };
+        let start_jitter = c.duration("start-jitter");
+        let reassert_interval = c.duration("reassert-interval");
 
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
@@ -867,6 +913,9 @@ impl Settings {
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("true")),
             discovery_endpoint,
             state_file: state_file.unwrap_or_default(),
+            drain_mode: drain_mode.unwrap_or(DrainMode::Deregister),
+            start_jitter: start_jitter.unwrap_or_default(),
+            reassert_interval: reassert_interval.unwrap_or_default(),
         };
         Ok(settings)
     }
@@ -882,7 +931,8 @@ impl Settings {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "auto".to_string());
         format!(
             "{service} instance_id={} ip={} port={} container={} attributes={} health_url={} \
-             health_from_container={} health_interval={} thresholds={}/{} drain={} stop_timeout={} start_timeout={}",
+             health_from_container={} health_interval={} thresholds={}/{} drain={} stop_timeout={} \
+             start_timeout={} drain_mode={} start_jitter={} reassert_interval={}",
             opt(self.instance_id.clone()),
             opt(self.ip.map(|i| i.to_string())),
             opt(self.port.map(|p| p.to_string())),
@@ -898,6 +948,12 @@ impl Settings {
                 .map(|d| humantime::format_duration(d).to_string())),
             humantime::format_duration(self.stop_timeout),
             humantime::format_duration(self.start_timeout),
+            match self.drain_mode {
+                DrainMode::Deregister => "deregister",
+                DrainMode::UnhealthyFirst => "unhealthy-first",
+            },
+            humantime::format_duration(self.start_jitter),
+            humantime::format_duration(self.reassert_interval),
         )
     }
 }
@@ -950,6 +1006,9 @@ mod tests {
         assert_eq!(s.drain, None);
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.ecs_metadata_uri, None);
+        assert_eq!(s.drain_mode, DrainMode::Deregister);
+        assert_eq!(s.start_jitter, Duration::ZERO);
+        assert_eq!(s.reassert_interval, Duration::from_secs(300));
     }
 
     #[test]
@@ -980,6 +1039,9 @@ mod tests {
             ),
             ("AWS_REGION", "eu-west-1"),
             ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("CLOUDMAP_DRAIN_MODE", "unhealthy-first"),
+            ("CLOUDMAP_START_JITTER", "3s"),
+            ("CLOUDMAP_REASSERT_INTERVAL", "0"),
         ];
         let s = parse_with(&[], &env).unwrap();
         assert_eq!(
@@ -1038,6 +1100,9 @@ mod tests {
             Some("https://vpce-1.example.com")
         );
         assert_eq!(s.state_file, PathBuf::from("/run/cms.state"));
+        assert_eq!(s.drain_mode, DrainMode::UnhealthyFirst);
+        assert_eq!(s.start_jitter, Duration::from_secs(3));
+        assert_eq!(s.reassert_interval, Duration::ZERO, "0 turns it off");
 
         let s = parse_with(&[], &[("CLOUDMAP_SERVICE_ID", "srv-xyz")]).unwrap();
         assert_eq!(s.service, ServiceRef::Id("srv-xyz".into()));
@@ -1357,6 +1422,32 @@ mod tests {
         assert!(text.contains("\"novalue\": expected KEY=VALUE"), "{text}");
         assert!(text.contains("AWS_INSTANCE_IPV4"), "{text}");
         assert!(text.contains("\"K= leading\""), "{text}");
+    }
+
+    #[test]
+    fn drain_mode_jitter_and_reassert_are_validated() {
+        let err = parse_with(
+            &["--service-id", "srv-a", "--drain-mode", "unhealthy"],
+            &[
+                ("CLOUDMAP_START_JITTER", "soon"),
+                ("CLOUDMAP_REASSERT_INTERVAL", "-5m"),
+            ],
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(
+            text.contains("--drain-mode (CLOUDMAP_DRAIN_MODE) = \"unhealthy\": expected deregister or unhealthy-first"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--start-jitter (CLOUDMAP_START_JITTER) = \"soon\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("--reassert-interval (CLOUDMAP_REASSERT_INTERVAL) = \"-5m\""),
+            "{text}"
+        );
     }
 
     #[test]

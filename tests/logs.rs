@@ -76,6 +76,7 @@ fn json_logs_of_a_full_run_have_one_line_per_transition_with_stable_fields() {
             "service_resolved",
             "located",
             "registered",
+            "serving",
             "health_changed",
             "health_reported",
             "deregistering",

@@ -5,18 +5,31 @@
 pub mod oneshot;
 pub mod shutdown;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{error, info, warn};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tracing::{debug, error, info, warn};
 
 use crate::attributes::{self, Attributes};
 use crate::backoff::Backoff;
-use crate::config::Settings;
+use crate::config::{DrainMode, Settings};
 use crate::health::{Probe, Tracker};
 use crate::metadata::{LocateError, Location, Locator};
 use crate::registry::{Health, RecordKind, Registry, RegistryError, ServiceInfo};
 use shutdown::{Stop, StopRequests};
+
+/// Cloud Map applies a custom health change only about 30 s after the update: an UNHEALTHY mark
+/// takes that long to reach DNS and `DiscoverInstances`.
+pub const CUSTOM_HEALTH_DELAY: Duration = Duration::from_secs(30);
+
+/// In unhealthy-first mode the deregistration comes after the drain: keep this much of the stop
+/// budget for it (or half the budget, when that is smaller).
+pub const DEREGISTER_RESERVE: Duration = Duration::from_secs(5);
+
+/// Budget of one call made while serving (a health report, a re-assert); a stop preempts it.
+const SERVING_CALL_BUDGET: Duration = Duration::from_secs(10);
 
 /// How the process ends. The numbers are the documented exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,17 +112,23 @@ struct Sidecar<'a, R, P> {
 
 impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
     async fn run<L: Locator>(mut self, locator: &L, stops: &mut StopRequests) -> ExitStatus {
-        let start_deadline = Instant::now() + self.settings.start_timeout;
-
-        // Start-up can be abandoned at any point before the registration request is sent.
+        // Start-up can be abandoned at any point before the registration request is sent,
+        // including during the start jitter.
         let prepared = tokio::select! {
             biased;
             _ = stops.next() => {
                 info!(event = "stopped", "stop requested during start-up; nothing was registered");
                 return ExitStatus::Clean;
             }
-            r = self.prepare(locator, start_deadline) => r,
+            r = async {
+                self.start_jitter().await;
+                // The start deadline counts from the end of the jitter, so that a large jitter
+                // cannot eat the time start-up needs.
+                let deadline = Instant::now() + self.settings.start_timeout;
+                (self.prepare(locator, deadline).await, deadline)
+            } => r,
         };
+        let (prepared, start_deadline) = prepared;
         let p = match prepared {
             Ok(p) => p,
             Err(StartError::Config(m)) => {
@@ -156,6 +175,11 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                 // Cloud Map may have accepted it after all: make sure nothing is left behind.
                 return self.stop(&p, true, true, stops).await.min_failure();
             }
+            Err(e @ RegistryError::Unconfirmed { .. }) => {
+                error!(event = "start_failed", instance_id = %p.instance_id, service_id = %p.service.id,
+                    "registration failed: {e}; deregistering in case it took effect");
+                return self.stop(&p, true, true, stops).await.min_failure();
+            }
             Err(e) => {
                 let status = if e.is_configuration() {
                     ExitStatus::Config
@@ -169,11 +193,14 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         }
         match pending {
             Some(Stop::Immediate) => return self.abandon(&p),
-            // The instance may have been visible (and cached by resolvers) for a moment: drain.
+            // The instance was visible in Cloud Map, however briefly, and clients may have cached
+            // it: a first stop request gets the full graceful stop, drain included.
             Some(Stop::Graceful) => return self.stop(&p, true, false, stops).await,
-            Some(_) => return self.stop(&p, true, true, stops).await,
+            Some(Stop::SkipDrain) => return self.stop(&p, true, true, stops).await,
             None => {}
         }
+        info!(event = "serving", instance_id = %p.instance_id, service_id = %p.service.id,
+            "registration complete; watching health until stopped");
 
         let (stop, registered) = self.serve(&p, initial, stops).await;
         match stop {
@@ -181,6 +208,24 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             Stop::SkipDrain => self.stop(&p, registered, true, stops).await,
             Stop::Graceful => self.stop(&p, registered, false, stops).await,
         }
+    }
+
+    /// Hundreds of tasks of a deploy start together: a random delay spreads their first Cloud Map
+    /// calls (throttling is still handled by the backoff).
+    async fn start_jitter(&self) {
+        let max = self.settings.start_jitter;
+        if max.is_zero() {
+            return;
+        }
+        let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        let delay = Duration::from_nanos(fastrand::u64(0..=nanos));
+        info!(
+            event = "start_jitter",
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "waiting {} before the first Cloud Map call (--start-jitter)",
+            humantime::format_duration(delay)
+        );
+        tokio::time::sleep(delay).await;
     }
 
     /// Service, address, instance ID and the attribute set, all validated.
@@ -197,6 +242,13 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             route53_health = service.route53_health,
             dns_records = %service.dns_records.iter().map(|r| format!("{}:{}", r.kind, r.ttl)).collect::<Vec<_>>().join(","),
             "service {}", service.name);
+        if self.settings.drain_mode == DrainMode::UnhealthyFirst && !service.custom_health {
+            return Err(StartError::Config(format!(
+                "--drain-mode unhealthy-first (CLOUDMAP_DRAIN_MODE) needs a service with custom health \
+                 (HealthCheckCustomConfig), and service {} ({}) has none: use --drain-mode deregister",
+                service.name, service.id
+            )));
+        }
         let location = locate_until(locator, deadline).await?;
         let instance_id = location.instance_id.clone().ok_or_else(|| {
             StartError::Config(
@@ -305,8 +357,8 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         Ok(())
     }
 
-    /// Probe and report until a stop request. Returns the request and whether the instance is
-    /// registered at that moment.
+    /// Probe and report until a stop request, re-asserting the registration every
+    /// `--reassert-interval`. Returns the request and whether the instance is registered then.
     async fn serve(
         &mut self,
         p: &Prepared,
@@ -316,13 +368,44 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         let interval = self.settings.health.interval;
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let every = self.settings.reassert_interval;
+        let mut reassert = (!every.is_zero()).then(|| {
+            let mut t = tokio::time::interval_at(Instant::now() + every, every);
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            t
+        });
         // What Cloud Map has been told: the custom status, or (without custom health) whether we
         // are registered at all.
         let mut reported = initial;
+        let registered = |reported: Health| reported == Health::Healthy || p.service.custom_health;
         loop {
-            tokio::select! {
-                s = stops.next() => return (s, reported == Health::Healthy || p.service.custom_health),
-                _ = ticker.tick(), if self.probe.is_some() => {}
+            let work = tokio::select! {
+                s = stops.next() => return (s, registered(reported)),
+                _ = ticker.tick(), if self.probe.is_some() => Work::Probe,
+                _ = tick(&mut reassert) => Work::Reassert,
+            };
+            if work == Work::Reassert {
+                if !registered(reported) {
+                    // Deregistered on purpose while unhealthy (no custom health): nothing to confirm.
+                    continue;
+                }
+                let deadline = Instant::now() + SERVING_CALL_BUDGET;
+                let check = self.reassert(p, reported, deadline);
+                tokio::select! {
+                    s = stops.next() => return (s, registered(reported)),
+                    r = check => match r {
+                        Ok(()) => {}
+                        Err(RegistryError::Denied(e)) => {
+                            warn!(instance_id = %p.instance_id, "re-assert turned off: {e} \
+                                (grant servicediscovery:GetInstance, or set --reassert-interval 0)");
+                            reassert = None;
+                        }
+                        Err(e) => warn!(instance_id = %p.instance_id,
+                            "could not re-assert the registration: {e}; trying again in {}",
+                            humantime::format_duration(every)),
+                    },
+                }
+                continue;
             }
             let Some(probe) = self.probe else { continue };
             let result = probe.check().await;
@@ -336,15 +419,45 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             }
             // A stop request wins over an update in flight; an update that fails is tried again
             // at the next probe, since `reported` still differs.
-            let deadline = Instant::now() + interval.max(Duration::from_secs(10));
+            let deadline = Instant::now() + interval.max(SERVING_CALL_BUDGET);
             let report = self.report(p, desired, deadline);
             tokio::select! {
-                s = stops.next() => return (s, reported == Health::Healthy || p.service.custom_health),
+                s = stops.next() => return (s, registered(reported)),
                 r = report => match r {
                     Ok(()) => reported = desired,
                     Err(e) => warn!(event = "health_report_failed", instance_id = %p.instance_id, service_id = %p.service.id,
                         "could not report {desired}: {e}; retrying at the next probe"),
                 },
+            }
+        }
+    }
+
+    /// Confirm with `GetInstance` that the instance is still there with the attributes we
+    /// registered; register it again (the full set, then the current health) if it was removed or
+    /// changed. Only our attributes are compared: Cloud Map may add its own, and an extra
+    /// attribute does not change where clients are sent.
+    async fn reassert(
+        &self,
+        p: &Prepared,
+        health: Health,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        let found = self
+            .registry
+            .instance(&p.service.id, &p.instance_id, deadline)
+            .await?;
+        let holds = |attrs: &Attributes| p.attributes.iter().all(|(k, v)| attrs.get(k) == Some(v));
+        match found {
+            Some(attrs) if holds(&attrs) => {
+                debug!(instance_id = %p.instance_id, "re-assert: instance registered as expected");
+                Ok(())
+            }
+            found => {
+                warn!(event = "reasserting", instance_id = %p.instance_id, service_id = %p.service.id,
+                    removed = found.is_none(),
+                    "instance {} in Cloud Map; registering it again",
+                    if found.is_none() { "was removed" } else { "has different attributes" });
+                self.register(p, health, deadline).await
             }
         }
     }
@@ -382,7 +495,14 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         Ok(())
     }
 
-    /// Deregister (when registered), then drain, all within the stop budget.
+    /// Take the instance out and drain, all within the stop budget.
+    ///
+    /// `deregister` mode: deregister, confirm the operation, then keep serving for the drain time
+    /// (DNS clients hold the address for up to the record TTL). `unhealthy-first` mode: mark the
+    /// instance UNHEALTHY, keep serving for the drain time (which must cover Cloud Map's ~30 s
+    /// delay before applying the status, plus the TTL), then deregister. Either way a second stop
+    /// request ends the drain and deregisters at once, an immediate one exits leaving the instance
+    /// behind, and an application that is already failing its probe gets no drain.
     async fn stop(
         &self,
         p: &Prepared,
@@ -392,24 +512,73 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
     ) -> ExitStatus {
         let deadline = Instant::now() + self.settings.stop_timeout;
         let (service_id, id) = (&p.service.id, &p.instance_id);
-        let mut skip_drain = skip_drain;
-        if self.tracker.last_passed() == Some(false) {
-            info!("the application is failing its health check: no drain");
-            skip_drain = true;
+        let mut skip_drain = skip_drain || !registered;
+        let unhealthy_first = self.settings.drain_mode == DrainMode::UnhealthyFirst
+            && p.service.custom_health
+            && registered;
+
+        if unhealthy_first && !skip_drain {
+            info!(event = "marking_unhealthy", instance_id = %id, service_id = %service_id,
+                "stopping: marking the instance UNHEALTHY before deregistering it");
+            // Probe the application at the same time: the drain is for one that still serves.
+            let work = async {
+                tokio::join!(
+                    self.registry
+                        .set_health(service_id, id, Health::Unhealthy, deadline),
+                    self.still_serving()
+                )
+            };
+            tokio::pin!(work);
+            match race(work.as_mut(), stops).await {
+                Raced::Done((marked, serving)) => {
+                    if serving == Some(false) {
+                        info!("the application is failing its health check: no drain");
+                        skip_drain = true;
+                    }
+                    if let Err(e) = marked {
+                        warn!(instance_id = %id, "could not mark the instance UNHEALTHY: {e}; deregistering now");
+                        skip_drain = true;
+                    }
+                }
+                Raced::Stop(Stop::Immediate) => return self.abandon(p),
+                Raced::Stop(_) => {
+                    info!("second stop request: deregistering at once");
+                    skip_drain = true;
+                }
+            }
+            if !skip_drain {
+                let wanted = self
+                    .settings
+                    .drain
+                    .unwrap_or_else(|| CUSTOM_HEALTH_DELAY + p.service.max_ttl());
+                let reserve = DEREGISTER_RESERVE.min(self.settings.stop_timeout / 2);
+                let until = deadline.checked_sub(reserve).unwrap_or(deadline);
+                match self.drain(wanted, until, stops).await {
+                    Some(()) => {}
+                    None => return self.abandon(p),
+                }
+            }
         }
+
         if registered {
             info!(event = "deregistering", instance_id = %id, service_id = %service_id, "stopping: deregistering");
-            let dereg = self.registry.deregister(service_id, id, deadline);
-            tokio::pin!(dereg);
-            let result = loop {
-                tokio::select! {
-                    r = &mut dereg => break r,
-                    s = stops.next() => match s {
-                        Stop::Immediate => return self.abandon(p),
-                        _ => {
-                            info!("second stop request: no drain after deregistration");
-                            skip_drain = true;
-                        }
+            let work = async {
+                tokio::join!(self.registry.deregister(service_id, id, deadline), async {
+                    if unhealthy_first {
+                        None
+                    } else {
+                        self.still_serving().await
+                    }
+                })
+            };
+            tokio::pin!(work);
+            let (result, serving) = loop {
+                match race(work.as_mut(), stops).await {
+                    Raced::Done(r) => break r,
+                    Raced::Stop(Stop::Immediate) => return self.abandon(p),
+                    Raced::Stop(_) => {
+                        info!("second stop request: no drain after deregistration");
+                        skip_drain = true;
                     }
                 }
             };
@@ -420,38 +589,69 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                 return ExitStatus::LeftBehind;
             }
             info!(event = "deregistered", instance_id = %id, service_id = %service_id, "instance deregistered");
+            if serving == Some(false) && !skip_drain {
+                info!("the application is failing its health check: no drain");
+                skip_drain = true;
+            }
         }
 
-        let wanted = self.settings.drain.unwrap_or_else(|| p.service.max_ttl());
-        let left = deadline.saturating_duration_since(Instant::now());
-        let drain = if skip_drain || !registered {
-            Duration::ZERO
-        } else {
-            wanted.min(left)
-        };
-        if drain < wanted && !skip_drain && registered {
+        if !unhealthy_first && !skip_drain {
+            let wanted = self.settings.drain.unwrap_or_else(|| p.service.max_ttl());
+            // After deregistration there is nothing left to do but wait, and even an instance
+            // deregistered early is clean: any further stop request just ends the drain.
+            let _ = self.drain(wanted, deadline, stops).await;
+        }
+        info!(event = "stopped", instance_id = %id, service_id = %service_id, "stopped cleanly");
+        ExitStatus::Clean
+    }
+
+    /// Keep serving for `wanted`, cut at `until`. `None`: an immediate stop was asked for; a second
+    /// stop request ends the drain early.
+    async fn drain(
+        &self,
+        wanted: Duration,
+        until: Instant,
+        stops: &mut StopRequests,
+    ) -> Option<()> {
+        let left = until.saturating_duration_since(Instant::now());
+        let drain = wanted.min(left);
+        if drain < wanted {
             warn!(
                 "drain cut from {} to {} by --stop-timeout: DNS clients may still use this address after exit",
                 humantime::format_duration(wanted),
                 humantime::format_duration(drain)
             );
         }
-        if !drain.is_zero() {
-            info!(
-                event = "draining",
-                drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
-                "waiting {} for DNS caches to forget this instance",
-                humantime::format_duration(drain)
-            );
-            tokio::select! {
-                _ = tokio::time::sleep(drain) => {}
-                s = stops.next() => {
-                    info!(?s, "stop requested again: ending the drain early");
-                }
+        if drain.is_zero() {
+            return Some(());
+        }
+        info!(
+            event = "draining",
+            drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
+            "waiting {} for DNS caches to forget this instance",
+            humantime::format_duration(drain)
+        );
+        let sleep = tokio::time::sleep(drain);
+        tokio::pin!(sleep);
+        match race(sleep.as_mut(), stops).await {
+            Raced::Done(()) => Some(()),
+            Raced::Stop(Stop::Immediate) => None,
+            Raced::Stop(s) => {
+                info!(?s, "stop requested again: ending the drain early");
+                Some(())
             }
         }
-        info!(event = "stopped", instance_id = %id, service_id = %service_id, "stopped cleanly");
-        ExitStatus::Clean
+    }
+
+    /// One probe at the time of the stop (not the last periodic result, which may be a whole
+    /// interval old). `None` without a probe.
+    async fn still_serving(&self) -> Option<bool> {
+        let probe = self.probe?;
+        let result = probe.check().await;
+        if let Err(why) = &result {
+            info!("health probe at stop failed: {why}");
+        }
+        Some(result.is_ok())
     }
 
     fn abandon(&self, p: &Prepared) -> ExitStatus {
@@ -468,6 +668,36 @@ impl ExitStatus {
             ExitStatus::Clean => ExitStatus::Failure,
             other => other,
         }
+    }
+}
+
+/// A piece of stop work, or the next stop request, whichever comes first.
+enum Raced<T> {
+    Done(T),
+    Stop(Stop),
+}
+
+async fn race<T>(work: Pin<&mut impl Future<Output = T>>, stops: &mut StopRequests) -> Raced<T> {
+    tokio::select! {
+        r = work => Raced::Done(r),
+        s = stops.next() => Raced::Stop(s),
+    }
+}
+
+/// What woke the serving loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    Probe,
+    Reassert,
+}
+
+/// The next tick of an optional timer; pending forever without one.
+async fn tick(timer: &mut Option<Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -20,6 +20,7 @@ enum Call {
     Register(Vec<(String, String)>),
     SetHealth(Health),
     Deregister,
+    Instance,
 }
 
 /// Records every call; each call can be given a latency and a scripted result.
@@ -30,6 +31,8 @@ struct FakeRegistry {
     register_results: RefCell<VecDeque<Result<(), RegistryError>>>,
     register_latency: Duration,
     deregister_latency: Duration,
+    /// What `GetInstance` finds, in turn; when empty, the attributes last registered.
+    instance_results: RefCell<VecDeque<Option<Attributes>>>,
     calls: RefCell<Vec<(Duration, Call)>>,
     start: RefCell<Option<Instant>>,
 }
@@ -60,7 +63,20 @@ impl FakeRegistry {
                 Call::SetHealth(Health::Healthy) => "healthy",
                 Call::SetHealth(Health::Unhealthy) => "unhealthy",
                 Call::Deregister => "deregister",
+                Call::Instance => "instance",
             })
+            .collect()
+    }
+
+    /// When each call of this name was made, from the first call.
+    fn times(&self, name: &str) -> Vec<Duration> {
+        let names = self.names();
+        self.calls
+            .borrow()
+            .iter()
+            .zip(names)
+            .filter(|(_, n)| *n == name)
+            .map(|((t, _), _)| *t)
             .collect()
     }
 
@@ -137,6 +153,29 @@ impl Registry for FakeRegistry {
         }
         tokio::time::sleep(self.deregister_latency).await;
         Ok(())
+    }
+
+    async fn instance(
+        &self,
+        _: &str,
+        _: &str,
+        _: Instant,
+    ) -> Result<Option<Attributes>, RegistryError> {
+        self.record(Call::Instance);
+        if let Some(next) = self.instance_results.borrow_mut().pop_front() {
+            return Ok(next);
+        }
+        let last = self.calls().into_iter().rev().find_map(|c| match c {
+            Call::Register(a) => Some(a),
+            _ => None,
+        });
+        Ok(last.map(|a| {
+            let mut attrs = Attributes::default();
+            for (k, v) in a {
+                attrs.insert(&k, &v);
+            }
+            attrs
+        }))
     }
 }
 
@@ -449,11 +488,22 @@ async fn a_stop_during_registration_deregisters_once_registration_completes_then
     let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
     assert_eq!(status, ExitStatus::Clean);
     assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+    assert_eq!(reg.times("deregister"), [Duration::from_secs(2)]);
     assert_eq!(
         took,
         Duration::from_secs(2 + 10),
-        "drained: the instance may have been visible, and cached, for a moment"
+        "it was visible, so clients may hold it: drained"
     );
+
+    // Two signals while registering: no drain.
+    let mut reg = FakeRegistry::new(service(false, Some(60)));
+    reg.register_latency = Duration::from_secs(2);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_after(&tx, Duration::from_millis(1_000), Signal::Stop);
+    stop_after(&tx, Duration::from_millis(1_500), Signal::Stop);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(took, Duration::from_secs(2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -604,5 +654,399 @@ async fn a_registration_that_times_out_is_cleaned_up_and_exits_1() {
         reg.names(),
         ["resolve", "register", "deregister"],
         "never orphaned"
+    );
+}
+
+fn stop_at(tx: &StopSender, at: &[(u64, Signal)]) {
+    for (ms, signal) in at {
+        stop_after(tx, Duration::from_millis(*ms), *signal);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_marks_unhealthy_drains_then_deregisters() {
+    let s = settings(&["--drain-mode", "unhealthy-first", "--drain", "8s"]);
+    let reg = FakeRegistry::new(service(true, Some(10)));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(5_000, Signal::Stop)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "healthy", "unhealthy", "deregister"]
+    );
+    assert_eq!(reg.times("unhealthy"), [Duration::from_secs(5)]);
+    assert_eq!(
+        reg.times("deregister"),
+        [Duration::from_secs(5 + 8)],
+        "deregistered after the drain, while the application kept serving"
+    );
+    assert_eq!(
+        took,
+        Duration::from_secs(13),
+        "no second drain after deregistering"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_drains_by_default_for_the_health_delay_plus_the_ttl() {
+    let s = settings(&["--drain-mode", "unhealthy-first", "--stop-timeout", "60s"]);
+    let reg = FakeRegistry::new(service(true, Some(10)));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(1_000, Signal::Stop)]);
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(
+        reg.times("deregister"),
+        [Duration::from_secs(1 + 30 + 10)],
+        "Cloud Map's ~30 s before applying UNHEALTHY, then the TTL"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_keeps_part_of_the_budget_for_the_deregistration() {
+    // Default stop budget 25 s: the drain (30 s + TTL) is cut to leave 5 s for deregistering.
+    let s = settings(&["--drain-mode", "unhealthy-first"]);
+    let mut reg = FakeRegistry::new(service(true, Some(10)));
+    reg.deregister_latency = Duration::from_secs(2);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(1_000, Signal::Stop)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(reg.times("deregister"), [Duration::from_secs(1 + 20)]);
+    assert_eq!(took, Duration::from_secs(1 + 20 + 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_second_signal_deregisters_at_once() {
+    let s = settings(&["--drain-mode", "unhealthy-first", "--drain", "20s"]);
+    let reg = FakeRegistry::new(service(true, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(5_000, Signal::Stop), (8_000, Signal::Stop)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(reg.times("deregister"), [Duration::from_secs(8)]);
+    assert_eq!(took, Duration::from_secs(8));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_sigquit_during_the_drain_leaves_the_instance_behind() {
+    let s = settings(&["--drain-mode", "unhealthy-first", "--drain", "20s"]);
+    let reg = FakeRegistry::new(service(true, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(5_000, Signal::Stop), (8_000, Signal::Quit)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(
+        status,
+        ExitStatus::LeftBehind,
+        "still registered (UNHEALTHY)"
+    );
+    assert_eq!(reg.names(), ["resolve", "register", "healthy", "unhealthy"]);
+    assert_eq!(took, Duration::from_secs(8));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_with_a_dead_application_deregisters_without_drain() {
+    let s = settings(&[
+        "--drain-mode",
+        "unhealthy-first",
+        "--drain",
+        "20s",
+        "--health-url",
+        "http://127.0.0.1:1/health",
+        "--health-interval",
+        "1h",
+    ]);
+    let reg = FakeRegistry::new(service(true, None));
+    let probe = FakeProbe::new(&[true, false]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(5_000, Signal::Stop)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(reg.times("deregister"), [Duration::from_secs(5)]);
+    assert_eq!(took, Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_first_needs_a_service_with_custom_health() {
+    let s = settings(&["--drain-mode", "unhealthy-first"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Config);
+    assert_eq!(reg.names(), ["resolve"], "nothing registered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_application_that_stopped_answering_since_the_last_probe_gets_no_drain() {
+    // The periodic probe last passed an hour-long interval ago; the probe at SIGTERM fails.
+    let s = settings(&[
+        "--health-url",
+        "http://127.0.0.1:1/health",
+        "--health-interval",
+        "1h",
+        "--drain",
+        "20s",
+    ]);
+    let reg = FakeRegistry::new(service(true, None));
+    let probe = FakeProbe::new(&[true, false]);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(5_000, Signal::Stop)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), Some(&probe), &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "healthy", "deregister"]
+    );
+    assert_eq!(took, Duration::from_secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reassert_registers_a_removed_instance_again_then_pushes_its_health() {
+    let s = settings(&["--reassert-interval", "10s"]);
+    let reg = FakeRegistry::new(service(true, None));
+    reg.instance_results.borrow_mut().push_back(None);
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(25_000, Signal::Stop)]);
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(
+        reg.names(),
+        [
+            "resolve",
+            "register",
+            "healthy",
+            "instance",
+            "register",
+            "healthy",
+            "instance",
+            "deregister"
+        ],
+        "removed at the first check: registered again (full set), health pushed again; fine at the second"
+    );
+    let registers: Vec<_> = reg
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Register(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(registers[0], registers[1], "the same full attribute set");
+    assert_eq!(
+        reg.times("instance"),
+        [Duration::from_secs(10), Duration::from_secs(20)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reassert_registers_again_when_an_attribute_was_changed() {
+    let s = settings(&["--reassert-interval", "10s", "--attribute", "TIER=ap"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let mut changed = Attributes::default();
+    changed.insert("AWS_INSTANCE_IPV4", "10.0.0.7");
+    changed.insert("TIER", "web");
+    reg.instance_results.borrow_mut().push_back(Some(changed));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(15_000, Signal::Stop)]);
+    run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "instance", "register", "deregister"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reassert_leaves_an_intact_instance_alone_and_zero_turns_it_off() {
+    let s = settings(&["--reassert-interval", "10s"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(35_000, Signal::Stop)]);
+    run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(
+        reg.names(),
+        [
+            "resolve",
+            "register",
+            "instance",
+            "instance",
+            "instance",
+            "deregister"
+        ]
+    );
+
+    let s = settings(&["--reassert-interval", "0"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(3_600_000, Signal::Stop)]);
+    run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(reg.names(), ["resolve", "register", "deregister"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_jitter_delays_the_first_call_by_at_most_the_jitter() {
+    let mut delays = Vec::new();
+    for _ in 0..20 {
+        let s = settings(&["--start-jitter", "10s"]);
+        let reg = FakeRegistry::new(service(false, None));
+        let (tx, mut stops) = StopRequests::channel();
+        stop_at(&tx, &[(60_000, Signal::Stop)]);
+        let started = Instant::now();
+        let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+        assert_eq!(status, ExitStatus::Clean);
+        let first = *reg.start.borrow();
+        let delay = first.expect("a call was made") - started;
+        assert!(delay <= Duration::from_secs(10), "{delay:?}");
+        delays.push(delay);
+    }
+    delays.dedup();
+    assert!(delays.len() > 1, "random, not fixed: {delays:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_the_start_jitter_ends_it_with_nothing_registered() {
+    let s = settings(&["--start-jitter", "1h"]);
+    let reg = FakeRegistry::new(service(false, None));
+    let (tx, mut stops) = StopRequests::channel();
+    stop_at(&tx, &[(1_000, Signal::Stop)]);
+    let (status, took) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Clean);
+    assert_eq!(took, Duration::from_secs(1));
+    // Unless the random delay happened to be under a second, no call was made at all.
+    assert!(reg.names().len() <= 3, "{:?}", reg.names());
+}
+
+/// Behaves like real Cloud Map where moto does not: registering an existing instance ID is an
+/// upsert that replaces the attributes, and (the worst case of what is undocumented) keeps the
+/// instance's current custom health status instead of applying `AWS_INIT_HEALTH_STATUS`.
+#[derive(Default)]
+struct CloudMapLike {
+    instances: RefCell<std::collections::BTreeMap<String, (Attributes, Health)>>,
+}
+
+impl Registry for CloudMapLike {
+    async fn resolve(
+        &self,
+        _: &crate::config::ServiceRef,
+        _: Instant,
+    ) -> Result<ServiceInfo, RegistryError> {
+        Ok(service(true, None))
+    }
+
+    async fn register(
+        &self,
+        _: &str,
+        instance_id: &str,
+        attributes: &Attributes,
+        _: Instant,
+    ) -> Result<(), RegistryError> {
+        let mut all = self.instances.borrow_mut();
+        let init = match attributes.get("AWS_INIT_HEALTH_STATUS") {
+            Some("UNHEALTHY") => Health::Unhealthy,
+            _ => Health::Healthy,
+        };
+        let health = all.get(instance_id).map(|(_, h)| *h).unwrap_or(init);
+        all.insert(instance_id.to_string(), (attributes.clone(), health));
+        Ok(())
+    }
+
+    async fn set_health(
+        &self,
+        _: &str,
+        instance_id: &str,
+        health: Health,
+        _: Instant,
+    ) -> Result<(), RegistryError> {
+        match self.instances.borrow_mut().get_mut(instance_id) {
+            Some((_, h)) => {
+                *h = health;
+                Ok(())
+            }
+            None => Err(RegistryError::InstanceNotFound(instance_id.into())),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        _: &str,
+        instance_id: &str,
+        _: Instant,
+    ) -> Result<(), RegistryError> {
+        self.instances.borrow_mut().remove(instance_id);
+        Ok(())
+    }
+
+    async fn instance(
+        &self,
+        _: &str,
+        instance_id: &str,
+        _: Instant,
+    ) -> Result<Option<Attributes>, RegistryError> {
+        Ok(self
+            .instances
+            .borrow()
+            .get(instance_id)
+            .map(|(a, _)| a.clone()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_with_the_same_instance_id_replaces_the_attributes_and_pushes_the_health_again() {
+    // The container restarted inside the same task: its previous run left the instance behind,
+    // UNHEALTHY and with an attribute this run no longer sets.
+    let reg = CloudMapLike::default();
+    let mut old = Attributes::default();
+    old.insert("AWS_INSTANCE_IPV4", "10.0.0.99");
+    old.insert("VERSION", "1");
+    reg.instances
+        .borrow_mut()
+        .insert("task0123".into(), (old, Health::Unhealthy));
+
+    let s = settings(&[
+        "--attribute",
+        "TIER=ap",
+        "--health-url",
+        "http://127.0.0.1:1/health",
+    ]);
+    let probe = FakeProbe::new(&[true]);
+    let (tx, mut stops) = StopRequests::channel();
+    let check = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let snapshot = reg.instances.borrow().get("task0123").cloned();
+        tx.send(Signal::Stop).ok();
+        snapshot
+    };
+    let loc = FakeLocator::ready();
+    let (status, running) = tokio::join!(run(&s, &reg, &loc, Some(&probe), &mut stops), check);
+    assert_eq!(status, ExitStatus::Clean);
+    let (attrs, health) = running.expect("registered");
+    assert_eq!(attrs.get("VERSION"), None, "replaced, not merged");
+    assert_eq!(attrs.get("TIER"), Some("ap"));
+    assert_eq!(attrs.get("AWS_INSTANCE_IPV4"), Some("10.0.0.7"));
+    assert_eq!(
+        health,
+        Health::Healthy,
+        "the current status was sent again after the upsert"
+    );
+    assert!(reg.instances.borrow().is_empty(), "deregistered at stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registration_accepted_but_unconfirmed_is_cleaned_up_and_exits_1() {
+    let s = settings(&[]);
+    let reg = FakeRegistry::new(service(false, None));
+    reg.register_results
+        .borrow_mut()
+        .push_back(Err(RegistryError::Unconfirmed {
+            operation_id: "op-1".into(),
+            error: "GetOperation: access denied".into(),
+        }));
+    let (_tx, mut stops) = StopRequests::channel();
+    let (status, _) = run_fake(&s, &reg, &FakeLocator::ready(), None, &mut stops).await;
+    assert_eq!(status, ExitStatus::Failure);
+    assert_eq!(
+        reg.names(),
+        ["resolve", "register", "deregister"],
+        "it may have been registered: never orphaned"
     );
 }

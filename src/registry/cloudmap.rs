@@ -9,6 +9,7 @@ use std::future::Future;
 
 use aws_sdk_servicediscovery::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_servicediscovery::operation::deregister_instance::DeregisterInstanceError;
+use aws_sdk_servicediscovery::operation::get_instance::GetInstanceError;
 use aws_sdk_servicediscovery::operation::get_service::GetServiceError;
 use aws_sdk_servicediscovery::operation::register_instance::RegisterInstanceError;
 use aws_sdk_servicediscovery::operation::update_instance_custom_health_status::UpdateInstanceCustomHealthStatusError;
@@ -169,7 +170,19 @@ impl CloudMap {
                         ));
                     }
                 }
-                other => return other,
+                Ok(()) => return Ok(()),
+                Err(
+                    e @ (RegistryError::OperationFailed { .. }
+                    | RegistryError::DeadlineExceeded { .. }),
+                ) => return Err(e),
+                // Accepted, but we cannot see how it ended: the caller must not assume either way
+                // (a registration may have happened, a deregistration may not have).
+                Err(e) => {
+                    return Err(RegistryError::Unconfirmed {
+                        operation_id,
+                        error: e.to_string(),
+                    })
+                }
             }
         }
     }
@@ -502,6 +515,41 @@ impl Registry for CloudMap {
                             );
                             Attempt::Done(None)
                         }
+                        _ => classify(&e),
+                    },
+                }
+            }
+        })
+        .await
+    }
+
+    async fn instance(
+        &self,
+        service_id: &str,
+        instance_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<Attributes>, RegistryError> {
+        self.retrying("GetInstance", deadline, || {
+            let req = self
+                .client
+                .get_instance()
+                .service_id(service_id)
+                .instance_id(instance_id);
+            async move {
+                match req.send().await {
+                    Ok(out) => Attempt::Done(out.instance().map(|i| {
+                        let mut attrs = Attributes::default();
+                        for (k, v) in i.attributes().into_iter().flatten() {
+                            attrs.insert(k, v);
+                        }
+                        attrs
+                    })),
+                    Err(e) => match e.as_service_error() {
+                        // Removed by someone else (or never there): the caller registers it again.
+                        Some(GetInstanceError::InstanceNotFound(_)) => Attempt::Done(None),
+                        Some(GetInstanceError::ServiceNotFound(_)) => Attempt::Fail(
+                            RegistryError::NotFound(format!("service {service_id} not found")),
+                        ),
                         _ => classify(&e),
                     },
                 }

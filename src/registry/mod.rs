@@ -108,6 +108,9 @@ pub enum RegistryError {
     InstanceNotFound(String),
     /// The phase deadline passed; the last error is kept for the log.
     DeadlineExceeded { what: String, last_error: String },
+    /// Cloud Map accepted the request (it returned an operation), but its outcome could not be
+    /// learnt (e.g. `GetOperation` denied): the change may or may not have happened.
+    Unconfirmed { operation_id: String, error: String },
 }
 
 impl RegistryError {
@@ -133,6 +136,14 @@ impl fmt::Display for RegistryError {
                 message,
             } => write!(f, "operation {operation_id} failed: {code}: {message}"),
             RegistryError::InstanceNotFound(id) => write!(f, "instance {id} is not registered"),
+            RegistryError::Unconfirmed {
+                operation_id,
+                error,
+            } => write!(
+                f,
+                "operation {operation_id} was accepted but its outcome is unknown: {error} \
+                 (grant servicediscovery:GetOperation)"
+            ),
             RegistryError::DeadlineExceeded { what, last_error } => {
                 write!(
                     f,
@@ -182,4 +193,13 @@ pub trait Registry {
         instance_id: &str,
         deadline: Instant,
     ) -> Result<(), RegistryError>;
+
+    /// `GetInstance`: the attributes Cloud Map holds for the instance, or `None` when it is not
+    /// registered (for the periodic re-assert).
+    async fn instance(
+        &self,
+        service_id: &str,
+        instance_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<Attributes>, RegistryError>;
 }

@@ -714,3 +714,5 @@ pub fn imds_token() -> String {
         .trim()
         .to_string()
 }
+
+pub mod proxy;
