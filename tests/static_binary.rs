@@ -4,6 +4,7 @@
 //!   dependency, so it runs in `scratch`, and it runs (`--version`). Building it costs minutes, so
 //!   the check needs the path of a built binary in `CLOUDMAP_STATIC_BINARY`: `scripts/test` (and so
 //!   CI) builds it and sets that; a bare `cargo test` skips the check and says so.
+//! - In a root as empty as `scratch`, as a non-root user, it starts and resolves names.
 //! - The ELF reader that decides "static" is itself tested on the ordinary (dynamic) debug binary,
 //!   so a reader that sees nothing cannot pass the static check.
 //! - The Dockerfile, which cannot be built here (no Docker engine), is checked for the facts the
@@ -32,7 +33,10 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 }
 
 fn c_str(b: &[u8], o: usize) -> String {
-    let end = b[o..].iter().position(|&c| c == 0).map_or(b.len(), |n| o + n);
+    let end = b[o..]
+        .iter()
+        .position(|&c| c == 0)
+        .map_or(b.len(), |n| o + n);
     String::from_utf8_lossy(&b[o..end]).into_owned()
 }
 
@@ -111,8 +115,8 @@ fn the_elf_reader_sees_the_loader_and_libc_of_the_ordinary_dynamic_build() {
     );
 }
 
-#[test]
-fn the_static_build_needs_no_loader_and_no_library_and_runs() {
+/// The static binary built by `scripts/build-static`, when `scripts/test` says where it is.
+fn static_binary() -> Option<PathBuf> {
     let Some(path) = std::env::var_os("CLOUDMAP_STATIC_BINARY") else {
         // CI sets CI=true and runs scripts/test, which always sets the variable.
         assert!(
@@ -122,12 +126,27 @@ fn the_static_build_needs_no_loader_and_no_library_and_runs() {
         eprintln!(
             "SKIPPED: CLOUDMAP_STATIC_BINARY is not set (scripts/test builds the static binary with scripts/build-static and sets it)"
         );
-        return;
+        return None;
     };
-    let path = repo().join(path);
+    Some(repo().join(path))
+}
+
+#[test]
+fn the_static_build_needs_no_loader_and_no_library_and_runs() {
+    let Some(path) = static_binary() else { return };
     let l = linkage(&path);
-    assert_eq!(l.interpreter, None, "{}: has a program interpreter", path.display());
-    assert!(l.needed.is_empty(), "{}: needs shared libraries {:?}", path.display(), l.needed);
+    assert_eq!(
+        l.interpreter,
+        None,
+        "{}: has a program interpreter",
+        path.display()
+    );
+    assert!(
+        l.needed.is_empty(),
+        "{}: needs shared libraries {:?}",
+        path.display(),
+        l.needed
+    );
 
     let out = Command::new(&path)
         .arg("--version")
@@ -138,6 +157,116 @@ fn the_static_build_needs_no_loader_and_no_library_and_runs() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("cloudmap-sidecar {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// What the `scratch` image gives the binary: a root with nothing but the binary, the CA bundle,
+/// `/tmp` and (from the container runtime) `/etc/hosts`, and a non-root user. In that root the
+/// binary starts, finds the CA bundle through `SSL_CERT_FILE` as the image sets it, and resolves the
+/// Cloud Map endpoint's name without any NSS library (a static glibc build relies on the `files`
+/// and `dns` modules inside libc.a for that): its GetService reaches a loopback fake under a name
+/// only `/etc/hosts` knows.
+#[test]
+fn the_static_binary_runs_in_an_empty_root_as_a_non_root_user_and_resolves_names() {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    let Some(binary) = static_binary() else {
+        return;
+    };
+    let chroot = Path::new("/usr/sbin/chroot");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !chroot.exists() || !is_root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with /usr/sbin/chroot"
+        );
+        eprintln!("SKIPPED: needs root and /usr/sbin/chroot to build a scratch-like root");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("cloudmap-scratch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::copy(&binary, root.join("cloudmap-sidecar")).unwrap();
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 cloudmap.test\n").unwrap();
+    let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if bundle.exists() {
+        std::fs::copy(bundle, root.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
+    }
+
+    // Cloud Map, as far as GetService: the service does not exist (a configuration error, exit 2).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed before the request head ended");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let body = r#"{"__type":"ServiceNotFound","Message":"no such service"}"#;
+        write!(
+            conn,
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        String::from_utf8_lossy(&head).to_lowercase()
+    });
+
+    let out = Command::new(chroot)
+        .arg("--userspec=65532:65532")
+        .arg(&root)
+        .args(["/cloudmap-sidecar", "--service-id", "srv-0123456789abcdef0"])
+        .args([
+            "--ip",
+            "10.0.0.1",
+            "--instance-id",
+            "task-1",
+            "--start-timeout",
+            "20s",
+        ])
+        .env_clear()
+        .env("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+        .env("AWS_ENDPOINT_URL", format!("http://cloudmap.test:{port}"))
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+    // If the sidecar never connected, unblock the fake with an empty request, which fails below.
+    if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = c.write_all(b"\r\n\r\n");
+    }
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected the configuration error exit: {log}"
+    );
+    assert!(
+        log.contains("service srv-0123456789abcdef0 not found"),
+        "{log}"
+    );
+    if bundle.exists() {
+        assert!(!log.contains("no native root CA certificates"), "{log}");
+    }
+    let head = fake.join().unwrap();
+    assert!(
+        head.contains("x-amz-target: route53autonaming_v20170314.getservice"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("host: cloudmap.test:{port}")),
+        "{head}"
     );
 }
 
@@ -165,7 +294,11 @@ fn final_stage() -> (String, Vec<(String, String)>) {
 }
 
 fn one(stage: &[(String, String)], key: &str) -> String {
-    let found: Vec<&String> = stage.iter().filter(|(k, _)| k == key).map(|(_, v)| v).collect();
+    let found: Vec<&String> = stage
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .collect();
     assert_eq!(found.len(), 1, "the final stage needs exactly one {key}");
     found[0].clone()
 }
@@ -203,13 +336,18 @@ fn the_image_carries_the_static_binary_and_the_ca_bundle_for_https_to_aws() {
     );
     assert!(text.contains("/rootfs/etc/ssl/certs/ca-certificates.crt"));
     let (_, stage) = final_stage();
-    assert!(stage.iter().any(|(k, v)| k == "COPY" && v == "--from=build /rootfs/ /"));
+    assert!(stage
+        .iter()
+        .any(|(k, v)| k == "COPY" && v == "--from=build /rootfs/ /"));
     assert_eq!(
         one(&stage, "ENV"),
         "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
     );
     let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
     for path in ["/target", "/.git", "/.venv"] {
-        assert!(ignore.lines().any(|l| l == path), ".dockerignore must exclude {path}");
+        assert!(
+            ignore.lines().any(|l| l == path),
+            ".dockerignore must exclude {path}"
+        );
     }
 }

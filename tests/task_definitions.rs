@@ -4,11 +4,15 @@
 //! SIGTERM; a missing IAM action shows up as an operation `FAIL` minutes into a deploy), so they are
 //! checked here, against the code where the code is the source of truth:
 //! - the sidecar's settings in each task definition are validated by the real settings parser;
-//! - the IAM actions are derived from the Cloud Map calls found in `src/`.
+//! - the IAM actions are derived from the Cloud Map calls found in `src/`;
+//! - the Fargate example's sidecar, with its environment from the task definition, runs through the
+//!   real binary against the moto server and a fake task metadata endpoint.
 //!
 //! The systemd unit (`task-definitions/ec2/*.service`) is not JSON and is not checked here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -29,7 +33,10 @@ const ROLE_POLICIES: [&str; 2] = [TASK_ROLE_POLICY, "iam/ec2-instance-role-polic
 /// Trust policies, with the service principal that may assume the role.
 const TRUST_POLICIES: [(&str, &str); 2] = [
     ("iam/task-role-trust-policy.json", "ecs-tasks.amazonaws.com"),
-    ("iam/ec2-instance-role-trust-policy.json", "ec2.amazonaws.com"),
+    (
+        "iam/ec2-instance-role-trust-policy.json",
+        "ec2.amazonaws.com",
+    ),
 ];
 
 /// Where ECS SIGKILLs: the largest container `stopTimeout` it accepts.
@@ -141,8 +148,7 @@ fn files_with(root: &Path, ext: &str) -> Vec<PathBuf> {
 
 fn load(rel: &str) -> Value {
     let path = dir().join(rel);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{rel}: not valid JSON: {e}"))
 }
 
@@ -172,7 +178,12 @@ fn name(c: &Value) -> &str {
 fn sidecar<'a>(file: &str, td: &'a Value) -> &'a Value {
     let found: Vec<&Value> = containers(td)
         .iter()
-        .filter(|c| c["image"].as_str().unwrap_or("").contains("cloudmap-sidecar"))
+        .filter(|c| {
+            c["image"]
+                .as_str()
+                .unwrap_or("")
+                .contains("cloudmap-sidecar")
+        })
         .collect();
     assert_eq!(
         found.len(),
@@ -267,7 +278,10 @@ fn statements(file: &str) -> Vec<Statement> {
         .map(|s| {
             assert_eq!(s["Effect"], "Allow", "{file}: {s}");
             for negated in ["NotAction", "NotResource"] {
-                assert!(s.get(negated).is_none(), "{file}: {negated} grants too much: {s}");
+                assert!(
+                    s.get(negated).is_none(),
+                    "{file}: {negated} grants too much: {s}"
+                );
             }
             Statement {
                 actions: str_list(&s["Action"]),
@@ -285,9 +299,9 @@ fn is_service_arn(r: &str) -> bool {
         && !parts[3].is_empty()
         && parts[4].len() == 12
         && parts[4].chars().all(|c| c.is_ascii_digit())
-        && parts[5].strip_prefix("service/srv-").is_some_and(|id| {
-            !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric())
-        })
+        && parts[5]
+            .strip_prefix("service/srv-")
+            .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 fn is_hosted_zone_arn(r: &str) -> bool {
@@ -309,7 +323,11 @@ fn every_json_file_under_task_definitions_parses_and_is_checked_here() {
     let found: BTreeSet<String> = files_with(&dir(), "json")
         .iter()
         .map(|p| {
-            let rel = p.strip_prefix(dir()).unwrap().to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(dir())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             load(&rel);
             rel
         })
@@ -334,27 +352,34 @@ fn the_sidecar_depends_on_the_app_being_healthy_so_it_registers_after_and_stops_
             .as_array()
             .unwrap_or_else(|| panic!("{file}: the sidecar has no dependsOn"));
         assert_eq!(deps.len(), 1, "{file}: the sidecar depends on the app only");
-        assert_eq!(deps[0]["condition"], "HEALTHY", "{file}: dependsOn condition");
+        assert_eq!(
+            deps[0]["condition"], "HEALTHY",
+            "{file}: dependsOn condition"
+        );
         let app_name = deps[0]["containerName"].as_str().unwrap();
         let app = containers(&td)
             .iter()
             .find(|c| name(c) == app_name)
-            .unwrap_or_else(|| panic!("{file}: dependsOn names {app_name}, which is not in the task"));
+            .unwrap_or_else(|| {
+                panic!("{file}: dependsOn names {app_name}, which is not in the task")
+            });
         assert!(
             app["healthCheck"]["command"].is_array(),
             "{file}: {app_name} needs a healthCheck for the HEALTHY condition"
         );
         assert_eq!(app["essential"], true, "{file}: {app_name} is essential");
         assert!(
-            app["dependsOn"].as_array().is_none_or(|d| d
-                .iter()
-                .all(|d| d["containerName"] != name(sc))),
+            app["dependsOn"]
+                .as_array()
+                .is_none_or(|d| d.iter().all(|d| d["containerName"] != name(sc))),
             "{file}: the app must not depend on the sidecar (a cycle)"
         );
         // The sidecar names its application explicitly: a third container added later (a log
         // router, an agent) would otherwise stop it at start-up with "several possible containers".
         assert_eq!(
-            environment(sc).get("CLOUDMAP_CONTAINER").map(String::as_str),
+            environment(sc)
+                .get("CLOUDMAP_CONTAINER")
+                .map(String::as_str),
             Some(app_name),
             "{file}: CLOUDMAP_CONTAINER"
         );
@@ -461,7 +486,10 @@ fn sidecar_settings_in_every_task_definition_are_valid_for_the_real_parser() {
         let sc = sidecar(file, &td);
         let env = environment(sc);
         for var in env.keys().filter(|k| k.starts_with(config::ENV_PREFIX)) {
-            assert!(known.contains(var), "{file}: {var} is not a setting of the sidecar");
+            assert!(
+                known.contains(var),
+                "{file}: {var} is not a setting of the sidecar"
+            );
         }
         assert!(
             env.contains_key("CLOUDMAP_SERVICE_ID")
@@ -490,7 +518,9 @@ fn every_container_logs_to_cloudwatch_with_awslogs() {
             }
         }
         assert_eq!(
-            environment(sidecar(file, &td)).get("CLOUDMAP_LOG_FORMAT").map(String::as_str),
+            environment(sidecar(file, &td))
+                .get("CLOUDMAP_LOG_FORMAT")
+                .map(String::as_str),
             Some("json"),
             "{file}: JSON logs for CloudWatch"
         );
@@ -503,7 +533,10 @@ fn fargate_example_is_awsvpc_and_publishes_the_task_address_in_a_records() {
     let td = load(file);
     assert_eq!(td["networkMode"], "awsvpc");
     assert_eq!(str_list(&td["requiresCompatibilities"]), ["FARGATE"]);
-    assert!(td["taskRoleArn"].is_string(), "{file}: the sidecar's credentials come from the task role");
+    assert!(
+        td["taskRoleArn"].is_string(),
+        "{file}: the sidecar's credentials come from the task role"
+    );
     let service = load("cloudmap/service-a.json");
     let types: Vec<&str> = service["DnsConfig"]["DnsRecords"]
         .as_array()
@@ -528,7 +561,10 @@ fn bridge_example_publishes_the_dynamic_host_port_through_an_srv_service() {
     let sc = sidecar(file, &td);
     let env = environment(sc);
     let app_name = env["CLOUDMAP_CONTAINER"].as_str();
-    let app = containers(&td).iter().find(|c| name(c) == app_name).unwrap();
+    let app = containers(&td)
+        .iter()
+        .find(|c| name(c) == app_name)
+        .unwrap();
     let port: u64 = env["CLOUDMAP_PORT"].parse().unwrap();
     let mapping = app["portMappings"]
         .as_array()
@@ -544,7 +580,11 @@ fn bridge_example_publishes_the_dynamic_host_port_through_an_srv_service() {
         .iter()
         .map(|r| r["Type"].as_str().unwrap())
         .collect();
-    assert_eq!(types, ["SRV"], "A records would send clients to the host's port {port}");
+    assert_eq!(
+        types,
+        ["SRV"],
+        "A records would send clients to the host's port {port}"
+    );
     // Bridge containers each have their own loopback: the sidecar reaches the app through a link.
     let url = &env["CLOUDMAP_HEALTH_URL"];
     let host = url
@@ -587,7 +627,10 @@ fn cloud_map_services_have_custom_health_and_dns_records() {
 fn policy_actions_match_the_calls_the_code_makes() {
     let calls = calls_in_src();
     for must in ["register_instance", "deregister_instance", "get_operation"] {
-        assert!(calls.contains(must), "the scan of src/ did not find .{must}(): {calls:?}");
+        assert!(
+            calls.contains(must),
+            "the scan of src/ did not find .{must}(): {calls:?}"
+        );
     }
     let required: BTreeSet<String> = calls
         .iter()
@@ -612,9 +655,15 @@ fn policy_actions_match_the_calls_the_code_makes() {
             .cloned()
             .collect();
         let missing: Vec<&String> = required.difference(&cloud_map).collect();
-        assert!(missing.is_empty(), "{file}: the code calls these, the policy lacks them: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{file}: the code calls these, the policy lacks them: {missing:?}"
+        );
         let unused: Vec<&String> = cloud_map.difference(&allowed).collect();
-        assert!(unused.is_empty(), "{file}: no call in src/ needs these: {unused:?}");
+        assert!(
+            unused.is_empty(),
+            "{file}: no call in src/ needs these: {unused:?}"
+        );
 
         let route53_wanted: BTreeSet<String> = ROUTE53_FOR
             .iter()
@@ -635,7 +684,10 @@ fn policy_actions_match_the_calls_the_code_makes() {
 fn policy_resources_are_scoped() {
     for file in ROLE_POLICIES {
         for s in statements(file) {
-            assert!(!s.resources.is_empty(), "{file}: statement without Resource");
+            assert!(
+                !s.resources.is_empty(),
+                "{file}: statement without Resource"
+            );
             for action in &s.actions {
                 for r in &s.resources {
                     let ok = if r == "*" {
@@ -659,14 +711,20 @@ fn policy_resources_are_scoped() {
 fn the_task_role_policy_covers_the_service_of_every_ecs_example() {
     let scoped: Vec<String> = statements(TASK_ROLE_POLICY)
         .into_iter()
-        .filter(|s| s.actions.iter().any(|a| a == "servicediscovery:RegisterInstance"))
+        .filter(|s| {
+            s.actions
+                .iter()
+                .any(|a| a == "servicediscovery:RegisterInstance")
+        })
         .flat_map(|s| s.resources)
         .collect();
     for (file, _) in TASK_DEFINITIONS {
         let td = load(file);
         let id = environment(sidecar(file, &td))["CLOUDMAP_SERVICE_ID"].clone();
         assert!(
-            scoped.iter().any(|r| r.ends_with(&format!(":service/{id}"))),
+            scoped
+                .iter()
+                .any(|r| r.ends_with(&format!(":service/{id}"))),
             "{file}: {TASK_ROLE_POLICY} does not allow RegisterInstance on {id} ({scoped:?})"
         );
     }
@@ -680,7 +738,11 @@ fn trust_policies_let_only_the_intended_service_assume_the_role() {
         assert_eq!(stmts.len(), 1, "{file}");
         assert_eq!(stmts[0]["Effect"], "Allow");
         assert_eq!(stmts[0]["Action"], "sts:AssumeRole");
-        assert_eq!(stmts[0]["Principal"], serde_json::json!({ "Service": principal }), "{file}");
+        assert_eq!(
+            stmts[0]["Principal"],
+            serde_json::json!({ "Service": principal }),
+            "{file}"
+        );
     }
 }
 
@@ -691,4 +753,135 @@ fn the_iam_action_of_an_sdk_call_is_its_name_in_pascal_case() {
         "UpdateInstanceCustomHealthStatus"
     );
     assert_eq!(pascal("get_operation"), "GetOperation");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example, run
+
+/// Task metadata v4 for the Fargate example as ECS would serve it: its two containers, by their
+/// names in the task definition, in one awsvpc network.
+fn fargate_example_task(td: &Value, ipv4: &str) -> String {
+    let family = td["family"].as_str().unwrap();
+    let task_arn = "arn:aws:ecs:us-east-1:123456789012:task/prod/0123456789abcdef0123456789abcdef";
+    let containers: Vec<Value> = containers(td)
+        .iter()
+        .map(|c| {
+            let ports: Vec<Value> = c["portMappings"]
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "ContainerPort": p["containerPort"],
+                                "Protocol": p["protocol"],
+                                "HostPort": p["containerPort"],
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            serde_json::json!({
+                "DockerId": if name(c) == "cloudmap-sidecar" { "cafe0000sidecar".to_string() } else { format!("d0cker{}", name(c)) },
+                "Name": name(c),
+                "Type": "NORMAL",
+                "KnownStatus": "RUNNING",
+                "DesiredStatus": "RUNNING",
+                "Ports": ports,
+                "Networks": [{ "NetworkMode": "awsvpc", "IPv4Addresses": [ipv4] }],
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "Cluster": "arn:aws:ecs:us-east-1:123456789012:cluster/prod",
+        "TaskARN": task_arn,
+        "Family": family,
+        "Revision": "1",
+        "AvailabilityZone": "us-east-1a",
+        "LaunchType": "FARGATE",
+        "Containers": containers,
+    })
+    .to_string()
+}
+
+/// The example as a user would try it against the emulator: the sidecar's environment is the task
+/// definition's, except the service ID (a service created from `cloudmap/service-a.json` in moto)
+/// and the health URL (the stand-in application's loopback port). It registers the task with the
+/// app's address and port, deregisters on SIGTERM and exits 0.
+#[test]
+fn fargate_example_sidecar_registers_and_deregisters_against_the_emulator() {
+    let file = "fargate-awsvpc.json";
+    let td = load(file);
+    let sc = sidecar(file, &td);
+    let service_def = load("cloudmap/service-a.json");
+    let records = service_def["DnsConfig"]["DnsRecords"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let kind =
+                aws_sdk_servicediscovery::types::RecordType::from(r["Type"].as_str().unwrap());
+            (kind, r["TTL"].as_i64().unwrap())
+        })
+        .collect();
+    let svc = common::fresh_service(common::ServiceSpec {
+        custom_health: service_def["HealthCheckCustomConfig"].is_object(),
+        records,
+    });
+    let app = common::App::start(true);
+    let meta = common::ecs_metadata(
+        fargate_example_task(&td, "10.1.2.3"),
+        common::SIDECAR_CONTAINER.to_string(),
+        0,
+    );
+
+    let mut cmd = common::sidecar_command(&common::moto_url());
+    let mut env = environment(sc);
+    env.insert("CLOUDMAP_SERVICE_ID".into(), svc.id.clone());
+    env.insert("CLOUDMAP_HEALTH_URL".into(), app.health_url());
+    cmd.envs(&env)
+        .env(
+            "ECS_CONTAINER_METADATA_URI_V4",
+            format!("{}/v4/test", meta.url()),
+        )
+        .args(&sidecar_args(sc)[1..]);
+    let mut sidecar = common::Sidecar::spawn(cmd);
+
+    let task_id = "0123456789abcdef0123456789abcdef";
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while !common::instances(&svc.id).contains_key(task_id) {
+        assert!(
+            std::time::Instant::now() < end,
+            "task {task_id} not registered within 30 s; sidecar log:\n{}",
+            sidecar.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let attrs = common::instances(&svc.id)[task_id].clone();
+    assert_eq!(
+        attrs.get("AWS_INSTANCE_IPV4").map(String::as_str),
+        Some("10.1.2.3")
+    );
+    assert_eq!(
+        attrs.get("AWS_INSTANCE_PORT").map(String::as_str),
+        Some("8080")
+    );
+    assert_eq!(
+        attrs.get("ECS_TASK_DEFINITION_FAMILY").map(String::as_str),
+        Some("ap")
+    );
+
+    sidecar.signal("TERM");
+    // The drain lasts the service's TTL; a second SIGTERM ends it, as the README says.
+    sidecar.wait_for_log(Duration::from_secs(30), "draining");
+    assert!(
+        !common::instances(&svc.id).contains_key(task_id),
+        "deregistered before the drain"
+    );
+    sidecar.signal("TERM");
+    assert_eq!(
+        sidecar.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        sidecar.log()
+    );
 }
