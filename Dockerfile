@@ -15,10 +15,11 @@ ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 # musl-tools gives musl-gcc, the C compiler aws-lc-sys (crypto under rustls) needs for the musl
-# target; ca-certificates gives the bundle copied into the final image.
+# target (cmake is its fallback build system); ca-certificates gives the bundle copied into the
+# final image.
 RUN rustup target add "$(uname -m)-unknown-linux-musl" \
  && apt-get update \
- && apt-get install -y --no-install-recommends musl-tools ca-certificates \
+ && apt-get install -y --no-install-recommends musl-tools cmake ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
