@@ -85,10 +85,10 @@ const CLOUD_MAP_OPERATIONS: &[&str] = &[
     "update_service_attributes",
 ];
 
-/// Calls the code may make that the sidecar's role does not need: `discover` is a one-shot command
-/// for test harnesses and clients, run with their own credentials. Allowed in a role policy, not
-/// required.
-const NOT_FOR_THE_SIDECAR_ROLE: &[&str] = &["discover_instances"];
+/// Calls the code may make that the sidecar's role does not need: `discover` (DiscoverInstances,
+/// and GetNamespace to name the namespace in its output) is a one-shot command for test harnesses
+/// and clients, run with their own credentials. Allowed in a role policy, not required.
+const NOT_FOR_THE_SIDECAR_ROLE: &[&str] = &["discover_instances", "get_namespace"];
 
 /// Route 53 rights Cloud Map uses on the caller's behalf in DNS namespaces (missing ones surface
 /// as an operation `FAIL` with `ACCESS_DENIED`, not as an error of the call itself).
