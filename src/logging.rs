@@ -9,10 +9,10 @@
 //! none, and the SDK redacts them even at `trace` (a test runs at `trace` and looks for the
 //! secret).
 
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+use tracing_subscriber::{Layer, Registry};
 
 use crate::config::LogFormat;
 use crate::state::StateLayer;
@@ -24,10 +24,26 @@ pub fn init(format: LogFormat, level: &str) {
 /// As [`init`], plus the layer that keeps `run`'s state file for `healthcheck`. The state layer
 /// has its own filter, so a quiet `--log-level` does not starve it of transitions.
 pub fn init_with_state(format: LogFormat, level: &str, state: Option<StateLayer>) {
-    let sdk = if level == "trace" { "trace" } else { "warn" };
-    let filter = EnvFilter::new(format!(
-        "{level},aws_config={sdk},aws_smithy_runtime={sdk},aws_smithy_runtime_api={sdk},aws_sdk_servicediscovery={sdk},hyper={sdk},hyper_util={sdk},reqwest={sdk},rustls={sdk}"
-    ));
+    // `Targets`, not `EnvFilter`: the same per-crate levels without a regex engine in the binary.
+    let level = level.parse::<LevelFilter>().unwrap_or(LevelFilter::INFO);
+    let sdk = if level == LevelFilter::TRACE {
+        LevelFilter::TRACE
+    } else {
+        LevelFilter::WARN.min(level)
+    };
+    let filter = Targets::new().with_default(level).with_targets(
+        [
+            "aws_config",
+            "aws_smithy_runtime",
+            "aws_smithy_runtime_api",
+            "aws_sdk_servicediscovery",
+            "hyper",
+            "hyper_util",
+            "reqwest",
+            "rustls",
+        ]
+        .map(|target| (target, sdk)),
+    );
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);

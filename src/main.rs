@@ -63,5 +63,8 @@ fn main() -> ExitCode {
         Invocation::Run(settings) => runtime.block_on(cloudmap_sidecar::run(*settings, stops)),
         other => runtime.block_on(commands::execute(other, stops)),
     };
+    // Nothing is left to finish once the lifecycle has returned: do not wait for idle connection
+    // pools or blocking threads on the way out (it shows in SIGTERM → exit).
+    runtime.shutdown_background();
     ExitCode::from(status.code())
 }

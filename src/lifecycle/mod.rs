@@ -234,10 +234,16 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         locator: &L,
         deadline: Instant,
     ) -> Result<Prepared, StartError> {
-        let service = self
-            .registry
-            .resolve(&self.settings.service, deadline)
-            .await?;
+        // Independent look-ups, side by side: start-up sits on every deploy's critical path.
+        let (service, location) = tokio::try_join!(
+            async {
+                self.registry
+                    .resolve(&self.settings.service, deadline)
+                    .await
+                    .map_err(StartError::from)
+            },
+            locate_until(locator, deadline),
+        )?;
         info!(event = "service_resolved", service_id = %service.id, custom_health = service.custom_health,
             route53_health = service.route53_health,
             dns_records = %service.dns_records.iter().map(|r| format!("{}:{}", r.kind, r.ttl)).collect::<Vec<_>>().join(","),
@@ -249,7 +255,6 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                 service.name, service.id
             )));
         }
-        let location = locate_until(locator, deadline).await?;
         let instance_id = location.instance_id.clone().ok_or_else(|| {
             StartError::Config(
                 "cannot tell the instance ID: set --instance-id (CLOUDMAP_INSTANCE_ID) when running outside ECS and EC2"

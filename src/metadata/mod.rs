@@ -168,8 +168,7 @@ impl Discovery {
     }
 
     async fn locate_ecs(&self, meta: &TaskMetadata) -> Result<Location, LocateError> {
-        let me = meta.container().await?;
-        let task = meta.task().await?;
+        let (me, task) = tokio::try_join!(meta.container(), meta.task())?;
         let sel = &self.selection;
         if let Some(name) = &sel.health_container {
             ecs::find_named(&task, name).map_err(|names| {
