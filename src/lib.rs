@@ -15,6 +15,8 @@
 //! - [`health`]: HTTP probe and consecutive-result thresholds.
 //! - [`lifecycle`]: the state machine; [`lifecycle::shutdown`] owns every signal.
 //! - [`backoff`]: exponential backoff with full jitter, inside deadlines.
+//! - `sweeper` (feature `sweeper`): the `cloudmap-sweeper` binary, which removes instances whose
+//!   owning task or EC2 instance is gone.
 //!
 //! ## Environment
 //! Every flag `--some-flag` is also read from `CLOUDMAP_SOME_FLAG` (`--attribute`: `CLOUDMAP_ATTRIBUTES`).
@@ -37,6 +39,8 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metadata;
 pub mod registry;
+#[cfg(feature = "sweeper")]
+pub mod sweeper;
 
 use std::time::Duration;
 
