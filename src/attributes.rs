@@ -270,7 +270,10 @@ mod tests {
         assert_eq!(ec2.get(REGISTERED_BY), Some("cloudmap-sidecar"));
 
         let mut task = Attributes::default();
-        task.insert(ECS_TASK_ARN, "arn:aws:ecs:eu-west-1:111122223333:task/c/0123");
+        task.insert(
+            ECS_TASK_ARN,
+            "arn:aws:ecs:eu-west-1:111122223333:task/c/0123",
+        );
         task.insert(REGISTERED_BY, "manual");
         mark_owned(&mut task);
         assert_eq!(task.get(REGISTERED_BY), Some("manual"));

@@ -176,7 +176,11 @@ fn ec2_call(params: &[(&str, &str)]) -> String {
             .send()
             .await
             .unwrap();
-        assert!(resp.status().is_success(), "EC2 {params:?}: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "EC2 {params:?}: {}",
+            resp.status()
+        );
         resp.text().await.unwrap()
     })
 }
@@ -184,7 +188,10 @@ fn ec2_call(params: &[(&str, &str)]) -> String {
 /// The text of the first `<tag>` in `xml`.
 fn first(xml: &str, tag: &str) -> String {
     let open = format!("<{tag}>");
-    let start = xml.find(&open).unwrap_or_else(|| panic!("no {tag} in {xml}")) + open.len();
+    let start = xml
+        .find(&open)
+        .unwrap_or_else(|| panic!("no {tag} in {xml}"))
+        + open.len();
     let end = start + xml[start..].find(&format!("</{tag}>")).unwrap();
     xml[start..end].to_string()
 }
@@ -193,7 +200,10 @@ fn first(xml: &str, tag: &str) -> String {
 fn default_network() -> (String, String) {
     (
         first(&ec2_call(&[("Action", "DescribeSubnets")]), "subnetId"),
-        first(&ec2_call(&[("Action", "DescribeSecurityGroups")]), "groupId"),
+        first(
+            &ec2_call(&[("Action", "DescribeSecurityGroups")]),
+            "groupId",
+        ),
     )
 }
 
@@ -240,7 +250,11 @@ fn register_task(service_id: &str, cluster: &Cluster, arn: &str) -> String {
     register(
         service_id,
         &id,
-        &[MARKER, ("ECS_TASK_ARN", arn), ("ECS_CLUSTER_NAME", &cluster.name)],
+        &[
+            MARKER,
+            ("ECS_TASK_ARN", arn),
+            ("ECS_CLUSTER_NAME", &cluster.name),
+        ],
     );
     id
 }
@@ -356,15 +370,23 @@ fn the_sidecar_marks_its_instance_and_after_a_sigkill_the_sweeper_removes_it() {
     .args(["--service-id", &svc.id, "--port", "8080", "--drain", "0"]);
     let sidecar = Sidecar::spawn(cmd);
     let own = task_id(&arn).to_string();
-    wait_until(LONG, "sidecar registered", || instances(&svc.id).contains_key(&own));
+    wait_until(LONG, "sidecar registered", || {
+        instances(&svc.id).contains_key(&own)
+    });
     let attrs = instances(&svc.id)[&own].clone();
-    assert_eq!(attrs.get("REGISTERED_BY").map(String::as_str), Some("cloudmap-sidecar"));
+    assert_eq!(
+        attrs.get("REGISTERED_BY").map(String::as_str),
+        Some("cloudmap-sidecar")
+    );
     assert_eq!(attrs.get("ECS_TASK_ARN"), Some(&arn));
 
     // Killed without a chance to deregister, and its task stopped: the instance is stale.
     sidecar.signal("KILL");
     cluster.stop_task(&arn);
-    assert!(instances(&svc.id).contains_key(&own), "still registered after SIGKILL");
+    assert!(
+        instances(&svc.id).contains_key(&own),
+        "still registered after SIGKILL"
+    );
 
     let (code, log) = sweep(sweeper_command(&moto_url(), &svc.id));
     assert_eq!(code, 0, "{log}");
@@ -379,8 +401,19 @@ fn instances_without_the_marker_are_never_touched() {
     let running = cluster.run_task();
     cluster.stop_task(&stopped);
     // As ECS's own serviceRegistries registers (no marker), and as another tool might.
-    register(&svc.id, "ecs-own", &[("ECS_CLUSTER_NAME", &cluster.name), ("ECS_TASK_ARN", &stopped)]);
-    register(&svc.id, "other-tool", &[("REGISTERED_BY", "terraform"), ("ECS_TASK_ARN", &stopped)]);
+    register(
+        &svc.id,
+        "ecs-own",
+        &[
+            ("ECS_CLUSTER_NAME", &cluster.name),
+            ("ECS_TASK_ARN", &stopped),
+        ],
+    );
+    register(
+        &svc.id,
+        "other-tool",
+        &[("REGISTERED_BY", "terraform"), ("ECS_TASK_ARN", &stopped)],
+    );
     let live = register_task(&svc.id, &cluster, &running);
 
     let (code, log) = sweep(sweeper_command(&moto_url(), &svc.id));
@@ -413,13 +446,19 @@ fn a_terminated_ec2_instances_instance_is_removed_and_a_running_ones_kept() {
 #[test]
 fn an_ec2_instance_that_ec2_does_not_know_is_removed_only_when_its_zone_is_in_this_region() {
     let svc = fresh_service(ServiceSpec::http_custom_health());
-    let live = (0..3).map(|_| register_host(&svc.id, &run_instance())).collect::<Vec<_>>();
+    let live = (0..3)
+        .map(|_| register_host(&svc.id, &run_instance()))
+        .collect::<Vec<_>>();
     // Never launched here: EC2 (and moto) fail DescribeInstances with InvalidInstanceID.NotFound.
     let forgotten = register_host(&svc.id, "i-0000000000000dead");
     register(
         &svc.id,
         "i-0000000000000beef",
-        &[MARKER, ("EC2_INSTANCE_ID", "i-0000000000000beef"), ("AVAILABILITY_ZONE", "eu-west-1a")],
+        &[
+            MARKER,
+            ("EC2_INSTANCE_ID", "i-0000000000000beef"),
+            ("AVAILABILITY_ZONE", "eu-west-1a"),
+        ],
     );
 
     let (code, log) = sweep(sweeper_command(&moto_url(), &svc.id));
@@ -455,7 +494,10 @@ fn a_task_ecs_reports_missing_is_removed() {
     let reqs = fake.requests();
     assert_eq!(reqs.len(), 1);
     let body: serde_json::Value = serde_json::from_slice(&reqs[0].body).unwrap();
-    assert_eq!(body["cluster"], format!("arn:aws:ecs:{REGION}:123456789012:cluster/prod"));
+    assert_eq!(
+        body["cluster"],
+        format!("arn:aws:ecs:{REGION}:123456789012:cluster/prod")
+    );
     assert_eq!(body["tasks"].as_array().unwrap().len(), 2);
 }
 
@@ -463,9 +505,12 @@ fn a_task_ecs_reports_missing_is_removed() {
 fn an_owner_lookup_error_removes_nothing() {
     let svc = fresh_service(ServiceSpec::http_custom_health());
     let ecs_down = HttpFake::start(|_| {
-        Response::new(500, r#"{"__type":"ServerException","message":"internal error"}"#)
-            .header("Content-Type", "application/x-amz-json-1.1")
-            .into()
+        Response::new(
+            500,
+            r#"{"__type":"ServerException","message":"internal error"}"#,
+        )
+        .header("Content-Type", "application/x-amz-json-1.1")
+        .into()
     });
     let ec2_down = HttpFake::start(|_| {
         Response::new(
@@ -500,14 +545,21 @@ fn an_answer_naming_neither_the_task_nor_a_failure_removes_nothing() {
     let cluster = Cluster::new();
     let live = register_task(&svc.id, &cluster, &cluster.run_task());
     let unknown = task_arn(&cluster.name, 7);
-    register(&svc.id, task_id(&unknown), &[MARKER, ("ECS_TASK_ARN", &unknown)]);
+    register(
+        &svc.id,
+        task_id(&unknown),
+        &[MARKER, ("ECS_TASK_ARN", &unknown)],
+    );
     register(&svc.id, "foreign-1", &[]);
 
     let (code, log) = sweep(sweeper_command(&moto_url(), &svc.id));
     assert_eq!(code, 3, "{log}");
     assert_eq!(ids(&svc.id).len(), 3, "{log}");
     assert!(ids(&svc.id).contains(&live));
-    assert!(log.contains("answered neither the task nor a failure"), "{log}");
+    assert!(
+        log.contains("answered neither the task nor a failure"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -528,7 +580,10 @@ fn a_pass_never_leaves_the_service_without_instances() {
     let (code, log) = sweep(cmd);
     assert_eq!(code, 3, "{log}");
     assert_eq!(ids(&svc.id), vec![ids_before[1].clone()], "{log}");
-    assert!(log.contains("would leave the service with no instances"), "{log}");
+    assert!(
+        log.contains("would leave the service with no instances"),
+        "{log}"
+    );
 
     // And the next pass keeps it too.
     let mut cmd = sweeper_command(&moto_url(), &svc.id);
@@ -603,13 +658,19 @@ fn sigterm_during_a_pass_lets_it_finish_then_the_loop_exits() {
     cmd.env("AWS_ENDPOINT_URL_ECS", slow.url())
         .args(["--interval", "1h"]);
     let mut sweeper = Sidecar::spawn(cmd);
-    wait_until(LONG, "DescribeTasks under way", || !slow.requests().is_empty());
+    wait_until(LONG, "DescribeTasks under way", || {
+        !slow.requests().is_empty()
+    });
     sweeper.signal("TERM");
     let code = sweeper.wait(LONG);
     let log = sweeper.log();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("finishing the current pass"), "{log}");
-    assert_eq!(ids(&svc.id), vec![task_id(&live).to_string()], "the pass finished: {log}");
+    assert_eq!(
+        ids(&svc.id),
+        vec![task_id(&live).to_string()],
+        "the pass finished: {log}"
+    );
     assert!(log.contains("stopped after the pass"), "{log}");
 }
 
@@ -634,7 +695,16 @@ fn bad_settings_are_all_reported_with_exit_2_before_any_call() {
         .env("CLOUDMAP_MAX_FRACTION", "2");
     let (code, log) = run_to_exit(cmd, LONG);
     assert_eq!(code, 2, "{log}");
-    assert!(log.contains("--service-id (CLOUDMAP_SERVICE_ID) = \"web\""), "{log}");
-    assert!(log.contains("--interval (CLOUDMAP_INTERVAL) = \"soon\""), "{log}");
-    assert!(log.contains("--max-fraction (CLOUDMAP_MAX_FRACTION) = \"2\""), "{log}");
+    assert!(
+        log.contains("--service-id (CLOUDMAP_SERVICE_ID) = \"web\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("--interval (CLOUDMAP_INTERVAL) = \"soon\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("--max-fraction (CLOUDMAP_MAX_FRACTION) = \"2\""),
+        "{log}"
+    );
 }

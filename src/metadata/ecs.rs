@@ -407,7 +407,9 @@ mod tests {
         assert_eq!(plan.attributes.get("ECS_CLUSTER_NAME"), Some("default"));
         assert_eq!(
             plan.attributes.get("ECS_TASK_ARN"),
-            Some("arn:aws:ecs:us-west-2:111122223333:task/default/febee046097849aba589d4435207c04a")
+            Some(
+                "arn:aws:ecs:us-west-2:111122223333:task/default/febee046097849aba589d4435207c04a"
+            )
         );
         assert_eq!(plan.attributes.get("AVAILABILITY_ZONE"), Some("us-west-2c"));
         assert_eq!(plan.attributes.get("REGION"), Some("us-west-2"));

@@ -8,7 +8,9 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, Parser};
 
-use crate::config::{env_name, parse_duration, ConfigError, ConfigErrors, Env, LogFormat, ParseFailure};
+use crate::config::{
+    env_name, parse_duration, ConfigError, ConfigErrors, Env, LogFormat, ParseFailure,
+};
 
 /// Half the service: a pass that finds more of it stale is more likely looking at an API or
 /// permission problem (or a region mix-up) than at a real mass death, so it removes nothing.
@@ -132,7 +134,11 @@ where
         Some(v) => match parse_duration(&v) {
             Ok(d) if d >= Duration::from_secs(1) => Some(d),
             Ok(_) => {
-                fail("interval", Some(&v), "must be at least 1s (leave it unset for one pass)");
+                fail(
+                    "interval",
+                    Some(&v),
+                    "must be at least 1s (leave it unset for one pass)",
+                );
                 None
             }
             Err(why) => {
@@ -151,7 +157,10 @@ where
     let dry_run = if m.get_flag("dry_run") {
         true
     } else {
-        match env.get(&env_name("dry-run")).map(|v| v.trim().to_ascii_lowercase()) {
+        match env
+            .get(&env_name("dry-run"))
+            .map(|v| v.trim().to_ascii_lowercase())
+        {
             None => false,
             Some(v) => match v.as_str() {
                 "" | "false" | "0" | "no" => false,
@@ -286,7 +295,13 @@ mod tests {
     #[test]
     fn the_command_line_wins_over_the_environment() {
         let s = parse_with(
-            &["--service-id", "srv-cli", "--max-fraction", "100%", "--dry-run"],
+            &[
+                "--service-id",
+                "srv-cli",
+                "--max-fraction",
+                "100%",
+                "--dry-run",
+            ],
             &[
                 ("CLOUDMAP_SERVICE_ID", "srv-env"),
                 ("CLOUDMAP_MAX_FRACTION", "10%"),
@@ -302,8 +317,18 @@ mod tests {
     #[test]
     fn all_errors_are_reported_at_once_with_flag_variable_and_value() {
         let err = parse_with(
-            &["--service-id", "web", "--interval", "soon", "--max-fraction", "0"],
-            &[("CLOUDMAP_DRY_RUN", "maybe"), ("CLOUDMAP_LOG_FORMAT", "xml")],
+            &[
+                "--service-id",
+                "web",
+                "--interval",
+                "soon",
+                "--max-fraction",
+                "0",
+            ],
+            &[
+                ("CLOUDMAP_DRY_RUN", "maybe"),
+                ("CLOUDMAP_LOG_FORMAT", "xml"),
+            ],
         )
         .unwrap_err();
         let text = err.to_string();
@@ -318,7 +343,10 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from: {text}");
         }
         let none = parse_with(&[], &[]).unwrap_err().to_string();
-        assert!(none.contains("--service-id (CLOUDMAP_SERVICE_ID): is required"), "{none}");
+        assert!(
+            none.contains("--service-id (CLOUDMAP_SERVICE_ID): is required"),
+            "{none}"
+        );
     }
 
     #[test]
@@ -340,7 +368,10 @@ mod tests {
             .to_string();
         assert!(err.contains("at least 1s"), "{err}");
         let arn = "arn:aws:servicediscovery:eu-west-1:111122223333:service/srv-abc";
-        assert_eq!(parse_with(&["--service-id", arn], &[]).unwrap().service_id, arn);
+        assert_eq!(
+            parse_with(&["--service-id", arn], &[]).unwrap().service_id,
+            arn
+        );
     }
 
     #[test]
@@ -351,7 +382,10 @@ mod tests {
                 continue;
             }
             let help = arg.get_help().unwrap().to_string();
-            assert!(help.contains(&format!("[env: {}]", env_name(long))), "--{long}: {help}");
+            assert!(
+                help.contains(&format!("[env: {}]", env_name(long))),
+                "--{long}: {help}"
+            );
         }
     }
 }

@@ -171,7 +171,10 @@ impl Ec2Api {
             )));
         };
         let creds = provider.provide_credentials().await.map_err(|e| {
-            Attempt::Retry(format!("DescribeInstances: cannot load credentials: {}", error_chain(&e)))
+            Attempt::Retry(format!(
+                "DescribeInstances: cannot load credentials: {}",
+                error_chain(&e)
+            ))
         })?;
         let identity = Identity::from(creds);
         let url = format!("{}/", self.endpoint);
@@ -183,7 +186,11 @@ impl Ec2Api {
             .time(SystemTime::now())
             .settings(SigningSettings::default())
             .build()
-            .map_err(|e| Attempt::Fail(DescribeError::Other(format!("DescribeInstances: cannot sign: {e}"))))?
+            .map_err(|e| {
+                Attempt::Fail(DescribeError::Other(format!(
+                    "DescribeInstances: cannot sign: {e}"
+                )))
+            })?
             .into();
         let signable = SignableRequest::new(
             "POST",
@@ -211,11 +218,16 @@ impl Ec2Api {
         req.headers_mut()
             .insert("content-type", content_type.to_string());
         for (name, value) in instructions.headers() {
-            req.headers_mut().insert(name.to_string(), value.to_string());
+            req.headers_mut()
+                .insert(name.to_string(), value.to_string());
         }
         let call = tokio::time::timeout(Duration::from_secs(10), self.http.call(req));
         let resp = match call.await {
-            Err(_) => return Err(Attempt::Retry(format!("DescribeInstances at {url}: no answer in 10s"))),
+            Err(_) => {
+                return Err(Attempt::Retry(format!(
+                    "DescribeInstances at {url}: no answer in 10s"
+                )))
+            }
             Ok(Err(e)) => {
                 return Err(Attempt::Retry(format!(
                     "DescribeInstances at {url}: {}",
@@ -358,11 +370,19 @@ fn parse_instance(instance: &mut ScopedDecoder) -> Result<(String, String), Stri
     let (mut id, mut state) = (String::new(), String::new());
     while let Some(mut field) = instance.next_tag() {
         match field.start_el().local() {
-            "instanceId" => id = try_data(&mut field).map_err(|e| e.to_string())?.trim().to_string(),
+            "instanceId" => {
+                id = try_data(&mut field)
+                    .map_err(|e| e.to_string())?
+                    .trim()
+                    .to_string()
+            }
             "instanceState" => {
                 while let Some(mut s) = field.next_tag() {
                     if s.start_el().local() == "name" {
-                        state = try_data(&mut s).map_err(|e| e.to_string())?.trim().to_string();
+                        state = try_data(&mut s)
+                            .map_err(|e| e.to_string())?
+                            .trim()
+                            .to_string();
                     }
                 }
             }
@@ -473,7 +493,11 @@ mod tests {
         let hosts: Vec<(String, bool)> = (1..=6).map(|n| (format!("i-{n}"), true)).collect();
         let out = check(&api, &hosts).await;
         for gone in ["i-1", "i-2", "i-3"] {
-            assert!(matches!(out[gone], OwnerState::Gone(_)), "{gone}: {:?}", out[gone]);
+            assert!(
+                matches!(out[gone], OwnerState::Gone(_)),
+                "{gone}: {:?}",
+                out[gone]
+            );
         }
         for alive in ["i-4", "i-5", "i-6"] {
             assert!(matches!(out[alive], OwnerState::Alive(_)), "{alive}");
@@ -509,7 +533,10 @@ mod tests {
         let known: Vec<(String, String)> = (0..250)
             .map(|n| (format!("i-{n:03}"), "running".to_string()))
             .collect();
-        let refs: Vec<(&str, &str)> = known.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let refs: Vec<(&str, &str)> = known
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         let api = fake(&refs, None);
         let hosts: Vec<(String, bool)> = known.iter().map(|(id, _)| (id.clone(), true)).collect();
         let out = check(&api, &hosts).await;
@@ -577,8 +604,14 @@ mod tests {
             query(&ids, Some("a+b=")),
             "Action=DescribeInstances&Version=2016-11-15&InstanceId.1=i-1&InstanceId.2=i-2&NextToken=a%2Bb%3D"
         );
-        assert_eq!(default_endpoint("eu-west-1"), "https://ec2.eu-west-1.amazonaws.com");
-        assert_eq!(default_endpoint("cn-north-1"), "https://ec2.cn-north-1.amazonaws.com.cn");
+        assert_eq!(
+            default_endpoint("eu-west-1"),
+            "https://ec2.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            default_endpoint("cn-north-1"),
+            "https://ec2.cn-north-1.amazonaws.com.cn"
+        );
     }
 
     #[test]

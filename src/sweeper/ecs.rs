@@ -11,7 +11,6 @@ use aws_sdk_ecs::error::DisplayErrorContext;
 use aws_sdk_ecs::Client;
 use tracing::{debug, warn};
 
-
 use super::owner::{task_id, OwnerState};
 
 /// DescribeTasks accepts at most 100 tasks per call.
@@ -73,7 +72,11 @@ pub async fn check<D: DescribeTasks>(
             match api.describe(cluster, batch).await {
                 Ok((described, failures)) => out.extend(interpret(batch, &described, &failures)),
                 Err(why) => {
-                    warn!(cluster, tasks = batch.len(), "{why}; keeping their instances");
+                    warn!(
+                        cluster,
+                        tasks = batch.len(),
+                        "{why}; keeping their instances"
+                    );
                     out.extend(
                         batch
                             .iter()
@@ -149,10 +152,7 @@ pub fn interpret(
                 if f.reason == "MISSING" {
                     OwnerState::Gone("task MISSING".to_string())
                 } else {
-                    OwnerState::Unknown(format!(
-                        "DescribeTasks failure {}: {}",
-                        f.reason, f.detail
-                    ))
+                    OwnerState::Unknown(format!("DescribeTasks failure {}: {}", f.reason, f.detail))
                 }
             } else {
                 OwnerState::Unknown(
@@ -182,9 +182,14 @@ mod tests {
             cluster: &str,
             tasks: &[String],
         ) -> Result<(Vec<Described>, Vec<Failure>), String> {
-            self.calls.lock().unwrap().push((cluster.to_string(), tasks.len()));
+            self.calls
+                .lock()
+                .unwrap()
+                .push((cluster.to_string(), tasks.len()));
             if self.fail_cluster.as_deref() == Some(cluster) {
-                return Err(format!("DescribeTasks in cluster {cluster} failed: HTTP 500"));
+                return Err(format!(
+                    "DescribeTasks in cluster {cluster} failed: HTTP 500"
+                ));
             }
             Ok((
                 vec![],
@@ -218,8 +223,13 @@ mod tests {
             *api.calls.lock().unwrap(),
             [(cluster("a"), 100), (cluster("a"), 50), (cluster("b"), 3)]
         );
-        assert_eq!(out[&arn_in("us-east-1", "a", 7)], OwnerState::Gone("task MISSING".into()));
-        assert!(matches!(out[&arn_in("us-east-1", "b", 1)], OwnerState::Unknown(ref w) if w.contains("HTTP 500")));
+        assert_eq!(
+            out[&arn_in("us-east-1", "a", 7)],
+            OwnerState::Gone("task MISSING".into())
+        );
+        assert!(
+            matches!(out[&arn_in("us-east-1", "b", 1)], OwnerState::Unknown(ref w) if w.contains("HTTP 500"))
+        );
     }
 
     #[tokio::test]

@@ -324,7 +324,11 @@ fn report(plan: &Plan, foreign: usize, dry_run: bool) {
         foreign,
         alive = plan.alive,
         stale = plan.remove.len() + usize::from(plan.kept_last.is_some()),
-        to_remove = if plan.refused.is_some() { 0 } else { plan.remove.len() },
+        to_remove = if plan.refused.is_some() {
+            0
+        } else {
+            plan.remove.len()
+        },
         unverified = plan.unverified.len(),
         dry_run,
         "pass planned"
@@ -335,10 +339,18 @@ fn report(plan: &Plan, foreign: usize, dry_run: bool) {
 /// finish (a half-done pass is safe, but a finished one is what the operator asked for); SIGQUIT
 /// or a third signal abandons it.
 pub async fn run(settings: SweeperSettings, mut stops: StopRequests) -> SweepStatus {
-    info!(event = "starting", version = env!("CARGO_PKG_VERSION"), "{}", settings.summary());
+    info!(
+        event = "starting",
+        version = env!("CARGO_PKG_VERSION"),
+        "{}",
+        settings.summary()
+    );
     let sdk = crate::aws_config().await;
     let Some(region) = sdk.region().map(|r| r.to_string()) else {
-        error!(event = "config_error", "no AWS region: set AWS_REGION (ECS sets it for tasks)");
+        error!(
+            event = "config_error",
+            "no AWS region: set AWS_REGION (ECS sets it for tasks)"
+        );
         return SweepStatus::Config;
     };
     let sweeper = Sweeper::from_config(&sdk, &region);

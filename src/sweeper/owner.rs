@@ -43,7 +43,9 @@ impl Owner {
             } => availability_zone
                 .as_deref()
                 .and_then(|az| az.strip_prefix(region))
-                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with(|c: char| c.is_ascii_digit())),
+                .is_some_and(|rest| {
+                    !rest.is_empty() && !rest.starts_with(|c: char| c.is_ascii_digit())
+                }),
         }
     }
 }
@@ -84,13 +86,18 @@ pub fn ownership(attrs: &HashMap<String, String>) -> Ownership {
         };
     }
     if let Some(id) = attrs.get(EC2_INSTANCE_ID) {
-        return if id.starts_with("i-") && id.len() > 2 && id[2..].chars().all(|c| c.is_ascii_hexdigit()) {
+        return if id.starts_with("i-")
+            && id.len() > 2
+            && id[2..].chars().all(|c| c.is_ascii_hexdigit())
+        {
             Ownership::Owned(Owner::Ec2Instance {
                 id: id.clone(),
                 availability_zone: attrs.get(AVAILABILITY_ZONE).cloned(),
             })
         } else {
-            Ownership::Unreadable(format!("{EC2_INSTANCE_ID} {id:?} is not an EC2 instance ID"))
+            Ownership::Unreadable(format!(
+                "{EC2_INSTANCE_ID} {id:?} is not an EC2 instance ID"
+            ))
         };
     }
     Ownership::Unreadable(format!(
@@ -106,7 +113,8 @@ fn cluster_arn(task_arn: &str, cluster_name: Option<&str>) -> Result<String, Str
     let [arn, partition, service, region, account, resource] = parts[..] else {
         return Err(bad());
     };
-    if arn != "arn" || service != "ecs" || [partition, region, account].iter().any(|p| p.is_empty()) {
+    if arn != "arn" || service != "ecs" || [partition, region, account].iter().any(|p| p.is_empty())
+    {
         return Err(bad());
     }
     let path: Vec<&str> = resource.split('/').collect();
@@ -122,7 +130,9 @@ fn cluster_arn(task_arn: &str, cluster_name: Option<&str>) -> Result<String, Str
         },
         _ => return Err(bad()),
     };
-    Ok(format!("arn:{partition}:ecs:{region}:{account}:cluster/{cluster}"))
+    Ok(format!(
+        "arn:{partition}:ecs:{region}:{account}:cluster/{cluster}"
+    ))
 }
 
 /// The last segment of a task ARN (or the ID itself).
@@ -153,7 +163,8 @@ mod tests {
             .collect()
     }
 
-    const ARN: &str = "arn:aws:ecs:eu-west-1:111122223333:task/prod/0123456789abcdef0123456789abcdef";
+    const ARN: &str =
+        "arn:aws:ecs:eu-west-1:111122223333:task/prod/0123456789abcdef0123456789abcdef";
 
     #[test]
     fn instances_without_the_marker_are_foreign_whatever_else_they_carry() {
@@ -194,7 +205,10 @@ mod tests {
         let Ownership::Owned(Owner::EcsTask { cluster, .. }) = ownership(&a) else {
             panic!("expected an owned task")
         };
-        assert_eq!(cluster, "arn:aws:ecs:us-east-1:111122223333:cluster/default");
+        assert_eq!(
+            cluster,
+            "arn:aws:ecs:us-east-1:111122223333:cluster/default"
+        );
         let no_cluster = attrs(&[("REGISTERED_BY", "cloudmap-sidecar"), ("ECS_TASK_ARN", old)]);
         assert!(matches!(ownership(&no_cluster), Ownership::Unreadable(_)));
     }
@@ -203,11 +217,23 @@ mod tests {
     fn marked_instances_with_unusable_owners_are_unreadable() {
         for bad in [
             attrs(&[("REGISTERED_BY", "cloudmap-sidecar")]),
-            attrs(&[("REGISTERED_BY", "cloudmap-sidecar"), ("ECS_TASK_ARN", "0123abcd")]),
-            attrs(&[("REGISTERED_BY", "cloudmap-sidecar"), ("ECS_TASK_ARN", "arn:aws:s3:::bucket/x")]),
-            attrs(&[("REGISTERED_BY", "cloudmap-sidecar"), ("EC2_INSTANCE_ID", "host-7")]),
+            attrs(&[
+                ("REGISTERED_BY", "cloudmap-sidecar"),
+                ("ECS_TASK_ARN", "0123abcd"),
+            ]),
+            attrs(&[
+                ("REGISTERED_BY", "cloudmap-sidecar"),
+                ("ECS_TASK_ARN", "arn:aws:s3:::bucket/x"),
+            ]),
+            attrs(&[
+                ("REGISTERED_BY", "cloudmap-sidecar"),
+                ("EC2_INSTANCE_ID", "host-7"),
+            ]),
         ] {
-            assert!(matches!(ownership(&bad), Ownership::Unreadable(_)), "{bad:?}");
+            assert!(
+                matches!(ownership(&bad), Ownership::Unreadable(_)),
+                "{bad:?}"
+            );
         }
     }
 

@@ -135,7 +135,10 @@ mod tests {
         );
         assert_eq!(ids(&plan), ["i1"]);
         assert_eq!(plan.alive, 1);
-        assert_eq!(plan.unverified, [("i3".to_string(), "DescribeTasks failed".to_string())]);
+        assert_eq!(
+            plan.unverified,
+            [("i3".to_string(), "DescribeTasks failed".to_string())]
+        );
         assert!(plan.incomplete());
         assert_eq!(plan.remove[0].reason, "STOPPED");
     }
@@ -179,7 +182,11 @@ mod tests {
 
     #[test]
     fn nothing_stale_is_a_complete_pass() {
-        let plan = decide(2, vec![checked(1, OwnerState::Alive("RUNNING".into()))], 0.5);
+        let plan = decide(
+            2,
+            vec![checked(1, OwnerState::Alive("RUNNING".into()))],
+            0.5,
+        );
         assert!(plan.remove.is_empty());
         assert!(!plan.incomplete());
     }
