@@ -330,10 +330,13 @@ fn form_encode(v: &str) -> String {
         .collect()
 }
 
+/// One DescribeInstances answer: `(instance ID, state name)` pairs and the `nextToken`.
+pub type Page = (Vec<(String, String)>, Option<String>);
+
 /// `(instance ID, state name)` of every instance in a DescribeInstances answer, and its
 /// `nextToken`. Only `reservationSet/item/instancesSet/item/{instanceId, instanceState/name}` are
 /// read: other `instanceId`s (network interface attachments…) nest deeper and are skipped.
-pub fn parse_instances(xml: &str) -> Result<(Vec<(String, String)>, Option<String>), String> {
+pub fn parse_instances(xml: &str) -> Result<Page, String> {
     let mut doc = Document::new(xml);
     let mut root = doc.root_element().map_err(|e| e.to_string())?;
     if !root.start_el().matches("DescribeInstancesResponse") {
@@ -400,17 +403,17 @@ pub fn parse_error(xml: &str) -> Option<(String, String)> {
         if errors.start_el().local() != "Errors" {
             continue;
         }
-        while let Some(mut error) = errors.next_tag() {
-            let (mut code, mut message) = (String::new(), String::new());
-            while let Some(mut f) = error.next_tag() {
-                match f.start_el().local() {
-                    "Code" => code = try_data(&mut f).ok()?.to_string(),
-                    "Message" => message = try_data(&mut f).ok()?.to_string(),
-                    _ => {}
-                }
+        // EC2 sends one <Error> per answer: read the first.
+        let mut error = errors.next_tag()?;
+        let (mut code, mut message) = (String::new(), String::new());
+        while let Some(mut f) = error.next_tag() {
+            match f.start_el().local() {
+                "Code" => code = try_data(&mut f).ok()?.to_string(),
+                "Message" => message = try_data(&mut f).ok()?.to_string(),
+                _ => {}
             }
-            return Some((code, message));
         }
+        return Some((code, message));
     }
     None
 }
