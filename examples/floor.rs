@@ -15,17 +15,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let service_id = std::env::var("CLOUDMAP_SERVICE_ID")?;
     let uri = std::env::var("ECS_CONTAINER_METADATA_URI_V4")?;
     let task: serde_json::Value = reqwest::get(format!("{uri}/task")).await?.json().await?;
-    let task_id = task["TaskARN"]
-        .as_str()
-        .and_then(|a| a.rsplit('/').next())
-        .ok_or("TaskARN")?;
-    let ip = task["Containers"][0]["Networks"][0]["IPv4Addresses"][0]
-        .as_str()
-        .ok_or("IPv4Addresses")?;
+    let task_id = task["TaskARN"].as_str().and_then(|a| a.rsplit('/').next()).ok_or("TaskARN")?;
+    let ip = task["Containers"][0]["Networks"][0]["IPv4Addresses"][0].as_str().ok_or("IPv4Addresses")?;
 
-    let client = aws_sdk_servicediscovery::Client::new(
-        &aws_config::load_defaults(BehaviorVersion::latest()).await,
-    );
+    let client = aws_sdk_servicediscovery::Client::new(&aws_config::load_defaults(BehaviorVersion::latest()).await);
     client
         .register_instance()
         .service_id(&service_id)
@@ -35,11 +28,6 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .await?;
 
     signals.forever().next();
-    client
-        .deregister_instance()
-        .service_id(&service_id)
-        .instance_id(task_id)
-        .send()
-        .await?;
+    client.deregister_instance().service_id(&service_id).instance_id(task_id).send().await?;
     Ok(())
 }
