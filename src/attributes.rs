@@ -20,6 +20,12 @@ pub const ECS_CLUSTER_NAME: &str = "ECS_CLUSTER_NAME";
 pub const ECS_SERVICE_NAME: &str = "ECS_SERVICE_NAME";
 pub const ECS_TASK_DEFINITION_FAMILY: &str = "ECS_TASK_DEFINITION_FAMILY";
 pub const EC2_INSTANCE_ID: &str = "EC2_INSTANCE_ID";
+/// The task's full ARN: names its cluster, Region and account, so the sweeper can ask ECS about it.
+pub const ECS_TASK_ARN: &str = "ECS_TASK_ARN";
+/// Ownership marker: only instances carrying `REGISTERED_BY=cloudmap-sidecar` and an owner
+/// (`ECS_TASK_ARN`, else `EC2_INSTANCE_ID`) are ever touched by `cloudmap-sweeper`.
+pub const REGISTERED_BY: &str = "REGISTERED_BY";
+pub const REGISTERED_BY_SIDECAR: &str = "cloudmap-sidecar";
 
 /// Cloud Map limits (RegisterInstance API reference).
 pub const MAX_CUSTOM_ATTRIBUTES: usize = 30;
@@ -74,6 +80,15 @@ impl Attributes {
 
     pub fn to_map(&self) -> std::collections::HashMap<String, String> {
         self.0.clone().into_iter().collect()
+    }
+}
+
+/// Mark the instance as ours when its owner is known, so the sweeper may remove it once the owner
+/// is gone. A `REGISTERED_BY` the operator set is kept (any other value opts out of sweeping).
+pub fn mark_owned(attrs: &mut Attributes) {
+    let owner_known = attrs.get(ECS_TASK_ARN).is_some() || attrs.get(EC2_INSTANCE_ID).is_some();
+    if owner_known && attrs.get(REGISTERED_BY).is_none() {
+        attrs.insert(REGISTERED_BY, REGISTERED_BY_SIDECAR);
     }
 }
 
@@ -240,6 +255,28 @@ mod tests {
         attrs.insert_known(ECS_CLUSTER_NAME, Some("prod"));
         assert_eq!(attrs.len(), 1);
         assert_eq!(attrs.get(ECS_CLUSTER_NAME), Some("prod"));
+    }
+
+    #[test]
+    fn only_instances_with_a_known_owner_are_marked_and_an_operator_marker_wins() {
+        let mut none = Attributes::default();
+        none.insert(REGION, "eu-west-1");
+        mark_owned(&mut none);
+        assert_eq!(none.get(REGISTERED_BY), None);
+
+        let mut ec2 = Attributes::default();
+        ec2.insert(EC2_INSTANCE_ID, "i-0123456789abcdef0");
+        mark_owned(&mut ec2);
+        assert_eq!(ec2.get(REGISTERED_BY), Some("cloudmap-sidecar"));
+
+        let mut task = Attributes::default();
+        task.insert(
+            ECS_TASK_ARN,
+            "arn:aws:ecs:eu-west-1:111122223333:task/c/0123",
+        );
+        task.insert(REGISTERED_BY, "manual");
+        mark_owned(&mut task);
+        assert_eq!(task.get(REGISTERED_BY), Some("manual"));
     }
 
     #[test]

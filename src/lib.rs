@@ -20,6 +20,8 @@
 //! - [`state`]: the state file `run` keeps for `healthcheck`.
 //! - [`logging`]: text or JSON logs with stable field names.
 //! - [`Registration`]: the library API for Rust test harnesses.
+//! - `sweeper` (feature `sweeper`): the `cloudmap-sweeper` binary, which removes instances whose
+//!   owning task or EC2 instance is gone.
 //!
 //! ## Environment
 //! Every flag `--some-flag` is also read from `CLOUDMAP_SOME_FLAG` (`--attribute`: `CLOUDMAP_ATTRIBUTES`).
@@ -50,6 +52,8 @@ pub mod state;
 pub use api::{Registration, RegistrationBuilder};
 pub use lifecycle::oneshot::Error;
 pub use registry::Health;
+#[cfg(feature = "sweeper")]
+pub mod sweeper;
 
 use std::time::Duration;
 

@@ -745,6 +745,7 @@ fn instance_attributes(settings: &Settings, location: &Location) -> Attributes {
     if let Some(port) = location.port {
         attrs.insert(attributes::AWS_INSTANCE_PORT, &port.to_string());
     }
+    attributes::mark_owned(&mut attrs);
     attrs
 }
 

@@ -222,6 +222,7 @@ pub fn plan(
             .map(|c| c.rsplit('/').next().unwrap_or(c)),
     );
     attrs.insert_known(attributes::ECS_SERVICE_NAME, task.service_name.as_deref());
+    attrs.insert_known(attributes::ECS_TASK_ARN, task.task_arn.as_deref());
     attrs.insert_known(
         attributes::ECS_TASK_DEFINITION_FAMILY,
         task.family.as_deref(),
@@ -417,6 +418,12 @@ mod tests {
             Some("febee046097849aba589d4435207c04a")
         );
         assert_eq!(plan.attributes.get("ECS_CLUSTER_NAME"), Some("default"));
+        assert_eq!(
+            plan.attributes.get("ECS_TASK_ARN"),
+            Some(
+                "arn:aws:ecs:us-west-2:111122223333:task/default/febee046097849aba589d4435207c04a"
+            )
+        );
         assert_eq!(plan.attributes.get("AVAILABILITY_ZONE"), Some("us-west-2c"));
         assert_eq!(plan.attributes.get("REGION"), Some("us-west-2"));
         assert_eq!(
