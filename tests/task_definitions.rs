@@ -39,6 +39,9 @@ const TRUST_POLICIES: [(&str, &str); 2] = [
     ),
 ];
 
+/// The stale-instance sweeper's permission policy and scheduled task definition.
+const SWEEPER_POLICY: &str = "iam/sweeper-policy.json";
+const SWEEPER_TASK: &str = "sweeper-scheduled-task.json";
 /// Where ECS SIGKILLs: the largest container `stopTimeout` it accepts.
 const ECS_MAX_STOP_TIMEOUT_S: u64 = 120;
 /// ECS's `stopTimeout` when a container does not set one.
@@ -250,17 +253,32 @@ fn pascal(snake: &str) -> String {
 
 /// The Cloud Map operations called in `src/`: the SDK's fluent builders are `.operation()` with no
 /// arguments, which is how they are found.
-fn calls_in_src() -> BTreeSet<&'static str> {
+/// The sweeper's own code: its calls belong to its policy, not to the sidecar's roles.
+fn is_sweeper(path: &Path) -> bool {
+    path.components().any(|c| c.as_os_str() == "sweeper")
+        || path.ends_with("bin/cloudmap-sweeper.rs")
+}
+
+/// The source of the sidecar (`sweeper == false`) or of the sweeper.
+fn source_text(sweeper: bool) -> String {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let text: String = files_with(&src, "rs")
+    files_with(&src, "rs")
         .iter()
+        .filter(|p| is_sweeper(p) == sweeper)
         .map(|p| std::fs::read_to_string(p).unwrap())
-        .collect();
+        .collect()
+}
+
+fn calls_in(text: &str) -> BTreeSet<&'static str> {
     CLOUD_MAP_OPERATIONS
         .iter()
         .copied()
         .filter(|op| text.contains(&format!(".{op}()")))
         .collect()
+}
+
+fn calls_in_src() -> BTreeSet<&'static str> {
+    calls_in(&source_text(false))
 }
 
 struct Statement {
@@ -319,6 +337,7 @@ fn every_json_file_under_task_definitions_parses_and_is_checked_here() {
         .flat_map(|(td, svc)| [td.to_string(), svc.to_string()])
         .chain(ROLE_POLICIES.iter().map(|p| p.to_string()))
         .chain(TRUST_POLICIES.iter().map(|(p, _)| p.to_string()))
+        .chain([SWEEPER_POLICY, SWEEPER_TASK].map(str::to_string))
         .collect();
     let found: BTreeSet<String> = files_with(&dir(), "json")
         .iter()
@@ -884,4 +903,75 @@ fn fargate_example_sidecar_registers_and_deregisters_against_the_emulator() {
         "{}",
         sidecar.log()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sweeper
+
+/// The sweeper's policy has exactly what its code calls: its own Cloud Map calls, the
+/// deregistration it makes through the registry (which follows the operation), the owner look-ups,
+/// and the Route 53 actions deregistration needs in DNS namespaces.
+#[test]
+fn the_sweeper_policy_has_exactly_the_actions_the_sweeper_uses() {
+    let text = source_text(true);
+    let mut calls = calls_in(&text);
+    assert!(
+        calls.contains("list_instances"),
+        "the scan of src/sweeper found no .list_instances(): {calls:?}"
+    );
+    assert!(
+        text.contains(".deregister("),
+        "the sweeper deregisters through the registry"
+    );
+    calls.extend(["deregister_instance", "get_operation"]);
+    let mut expected: BTreeSet<String> = calls
+        .iter()
+        .map(|c| format!("servicediscovery:{}", pascal(c)))
+        .collect();
+    assert!(
+        text.contains(".describe_tasks()"),
+        "owner look-up for tasks"
+    );
+    expected.insert("ecs:DescribeTasks".to_string());
+    assert!(
+        text.contains("DescribeInstances"),
+        "owner look-up for EC2 instances"
+    );
+    expected.insert("ec2:DescribeInstances".to_string());
+    let (_, route53) = ROUTE53_FOR
+        .iter()
+        .find(|(sd, _)| *sd == "DeregisterInstance")
+        .unwrap();
+    expected.extend(route53.iter().map(|a| a.to_string()));
+    let actions: BTreeSet<String> = statements(SWEEPER_POLICY)
+        .into_iter()
+        .flat_map(|s| s.actions)
+        .collect();
+    assert_eq!(actions, expected, "{SWEEPER_POLICY}");
+}
+
+/// The scheduled sweeper runs the image's own entrypoint (no shell) against a real service ID.
+#[test]
+fn the_sweeper_task_runs_the_binary_without_a_shell() {
+    let td = load(SWEEPER_TASK);
+    for c in containers(&td) {
+        for key in ["entryPoint", "command"] {
+            let words = str_list(&c[key]);
+            assert!(
+                !words
+                    .iter()
+                    .any(|w| w == "sh" || w == "/bin/sh" || w == "bash" || w == "-c"),
+                "{SWEEPER_TASK}: {key} runs a shell: {words:?}"
+            );
+        }
+        let env = environment(c);
+        assert!(
+            env.get("CLOUDMAP_SERVICE_ID")
+                .is_some_and(|id| id.starts_with("srv-")),
+            "{SWEEPER_TASK}: CLOUDMAP_SERVICE_ID"
+        );
+    }
+    assert!(td["taskRoleArn"]
+        .as_str()
+        .is_some_and(|r| r.contains("sweeper")));
 }
