@@ -19,10 +19,12 @@ import json
 import os
 import platform
 import signal
+import socket
 import socketserver
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -46,6 +48,9 @@ def serve(handler_cls):
 
 class Quiet(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm holds the
+    # body until the client's delayed ACK (~40 ms), which would be measured as the program's time.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -84,6 +89,8 @@ def proxy_handler(moto_port, counts, lock):
             with lock:
                 counts[op] = counts.get(op, 0) + 1
             conn = http.client.HTTPConnection("127.0.0.1", moto_port, timeout=30)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see Quiet
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
             conn.request("POST", self.path, body, headers)
             resp = conn.getresponse()
@@ -134,8 +141,10 @@ def wait_for(check, timeout, step=0.002):
 def trial(name, argv, env, client, service_id, instance_id, counts, lock, idle):
     """One lifecycle of one program; returns its measurements."""
     listed = lambda: any(i["Id"] == instance_id for i in client.list_instances(ServiceId=service_id)["Instances"])
+    # The program's log goes to a file: an unread pipe could fill up and block it.
+    log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         t_listed = wait_for(listed, 30)
         time.sleep(2.0)
@@ -152,11 +161,16 @@ def trial(name, argv, env, client, service_id, instance_id, counts, lock, idle):
         t_gone = wait_for(lambda: not listed(), 30)
         proc.wait(30)
         t_exit = time.monotonic()
+    except Exception:
+        print(f"{name} log ({log.name}):\n" + open(log.name).read()[-3000:], file=sys.stderr)
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()
     if proc.returncode != 0:
-        raise RuntimeError(f"{name} exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        raise RuntimeError(f"{name} exited {proc.returncode}: {open(log.name).read()[-2000:]}")
+    if not os.environ.get("BENCH_KEEP_LOGS"):
+        os.unlink(log.name)
     return {
         "start_to_registered_ms": (t_listed - t0) * 1000,
         "sigterm_to_deregistered_ms": (t_gone - t_term) * 1000,
@@ -203,8 +217,8 @@ def main():
         "CLOUDMAP_SERVICE_ID": service_id,
     }
     programs = {
-        "project": [args.project, "run", "--port", "8080", "--drain", "0",
-                    "--health-url", f"http://127.0.0.1:{app_port}/health", "--health-interval", "5s"],
+        "project": [args.project, "run", "--port", "8080", "--drain", "0", "--start-jitter", "0",
+                    "--health-url", f"http://127.0.0.1:{app_port}/health", "--health-interval", "5s"] + os.environ.get("BENCH_PROJECT_ARGS", "").split(),
         "floor": [args.floor],
     }
     results = {name: [] for name in programs}

@@ -246,7 +246,7 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         )?;
         info!(event = "service_resolved", service_id = %service.id, custom_health = service.custom_health,
             route53_health = service.route53_health,
-            dns_records = %service.dns_records.iter().map(|r| format!("{}:{}", r.kind, r.ttl)).collect::<Vec<_>>().join(","),
+            dns_records = %dns_records_summary(&service),
             "service {}", service.name);
         if self.settings.drain_mode == DrainMode::UnhealthyFirst && !service.custom_health {
             return Err(StartError::Config(format!(
@@ -273,9 +273,9 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         attributes::check_all(&attributes)
             .map_err(|why| StartError::Config(format!("{why} (--attribute)")))?;
         info!(event = "located", instance_id = %instance_id, source = %location.source,
-            ipv4 = %location.ipv4.map(|i| i.to_string()).unwrap_or_default(),
-            ipv6 = %location.ipv6.map(|i| i.to_string()).unwrap_or_default(),
-            port = %location.port.map(|p| p.to_string()).unwrap_or_default(),
+            ipv4 = location.ipv4.map(tracing::field::display),
+            ipv6 = location.ipv6.map(tracing::field::display),
+            port = location.port,
             "address found");
         Ok(Prepared {
             service,
@@ -416,7 +416,7 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             let result = probe.check().await;
             if let Some(changed) = self.tracker.observe(result.is_ok()) {
                 info!(event = "health_changed", instance_id = %p.instance_id, health = %changed,
-                    reason = %result.err().unwrap_or_default(), "application health changed");
+                    reason = result.err().map(tracing::field::display), "application health changed");
             }
             let desired = self.tracker.status().unwrap_or(reported);
             if desired == reported {
@@ -704,6 +704,19 @@ async fn tick(timer: &mut Option<Interval>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// `A:10,SRV:10`, or `none` for a service without DNS records (HTTP namespaces).
+fn dns_records_summary(service: &ServiceInfo) -> String {
+    if service.dns_records.is_empty() {
+        return "none".to_string();
+    }
+    service
+        .dns_records
+        .iter()
+        .map(|r| format!("{}:{}", r.kind, r.ttl))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Retry "not ready" until the deadline.

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use aws_sdk_servicediscovery::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_servicediscovery::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_servicediscovery::operation::deregister_instance::DeregisterInstanceError;
 use aws_sdk_servicediscovery::operation::get_instance::GetInstanceError;
 use aws_sdk_servicediscovery::operation::get_service::GetServiceError;
@@ -122,10 +122,15 @@ impl CloudMap {
         Fut: Future<Output = Attempt<T>>,
     {
         let mut backoff = Backoff::cloud_map();
+        // What went wrong last, so that running out of time still says why.
+        let mut last: Option<String> = None;
         loop {
             let attempt = match tokio::time::timeout_at(deadline, call()).await {
                 Ok(a) => a,
-                Err(_) => return Err(deadline_exceeded(what, "no answer")),
+                Err(_) => {
+                    let why = last.unwrap_or_else(|| "no answer".to_string());
+                    return Err(deadline_exceeded(what, &why));
+                }
             };
             match attempt {
                 Attempt::Done(v) => return Ok(v),
@@ -135,6 +140,7 @@ impl CloudMap {
                     if !backoff.wait(deadline).await {
                         return Err(deadline_exceeded(what, &why));
                     }
+                    last = Some(why);
                 }
             }
         }
@@ -573,7 +579,8 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + HttpStatus,
 {
-    let text = DisplayErrorContext(err).to_string();
+    // The cause chain on one line ("dispatch failure: … Connection refused"), not a Debug dump.
+    let text = crate::metadata::error_chain(err);
     match err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             Attempt::Retry(text)
