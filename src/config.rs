@@ -958,7 +958,8 @@ impl Settings {
     }
 }
 
-fn is_service_id(id: &str) -> bool {
+/// `srv-…`, or a Cloud Map service ARN.
+pub fn is_service_id(id: &str) -> bool {
     let srv = |s: &str| {
         s.strip_prefix("srv-")
             .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric()))

@@ -9,7 +9,8 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, Parser};
 
 use crate::config::{
-    env_name, parse_duration, ConfigError, ConfigErrors, Env, LogFormat, ParseFailure,
+    env_name, is_service_id, parse_duration, ConfigError, ConfigErrors, Env, LogFormat,
+    ParseFailure,
 };
 
 /// Half the service: a pass that finds more of it stale is more likely looking at an API or
@@ -221,21 +222,6 @@ pub fn parse_fraction(v: &str) -> Result<f64, String> {
         Ok(f)
     } else {
         Err("must be above 0 and at most 1 (100%)".to_string())
-    }
-}
-
-fn is_service_id(id: &str) -> bool {
-    let srv = |s: &str| {
-        s.strip_prefix("srv-")
-            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric()))
-    };
-    if id.starts_with("arn:") {
-        let parts: Vec<&str> = id.splitn(6, ':').collect();
-        parts.len() == 6
-            && parts[2] == "servicediscovery"
-            && parts[5].strip_prefix("service/").is_some_and(srv)
-    } else {
-        srv(id)
     }
 }
 
