@@ -256,6 +256,26 @@ pub fn command() -> clap::Command {
         .fold(cmd, |cmd, name| cmd.mut_subcommand(name, with_env))
 }
 
+/// The log format asked for, read leniently (for reporting configuration errors when the rest of
+/// the settings did not validate): `--log-format json`, `--log-format=json` or
+/// `CLOUDMAP_LOG_FORMAT=json`, the flag winning.
+pub fn requested_log_format(args: &[OsString], env: &dyn Env) -> LogFormat {
+    let mut from_flag = None;
+    let mut words = args.iter().map(|a| a.to_string_lossy());
+    while let Some(word) = words.next() {
+        if word == "--log-format" {
+            from_flag = words.next().map(|v| v.trim().to_string());
+        } else if let Some(v) = word.strip_prefix("--log-format=") {
+            from_flag = Some(v.trim().to_string());
+        }
+    }
+    let wanted = from_flag.or_else(|| env.get(&env_name("log-format")));
+    match wanted.as_deref().map(str::trim) {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
 /// What the command line asked for.
 #[derive(Debug)]
 pub enum Invocation {
@@ -635,6 +655,13 @@ impl Check<'_> {
             }
         }
     }
+}
+
+/// A duration for people: whole milliseconds (`3s 989ms`, not `3s 989ms 5us 57ns`).
+pub fn human(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    ))
 }
 
 /// `500ms`, `10s`, `2m`, `1m30s`; a bare number is seconds.
@@ -1364,6 +1391,33 @@ mod tests {
         assert!(
             half.contains("--service (CLOUDMAP_SERVICE): is required with --namespace"),
             "{half}"
+        );
+    }
+
+    #[test]
+    fn the_requested_log_format_is_read_even_from_invalid_settings() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        let none: [(&str, &str); 0] = [];
+        let env = [("CLOUDMAP_LOG_FORMAT", "json")];
+        assert_eq!(
+            requested_log_format(&args(&["x", "--port", "0"]), &none),
+            LogFormat::Text
+        );
+        assert_eq!(
+            requested_log_format(&args(&["x", "--port", "0"]), &env),
+            LogFormat::Json
+        );
+        assert_eq!(
+            requested_log_format(&args(&["x", "--log-format", "json"]), &none),
+            LogFormat::Json
+        );
+        assert_eq!(
+            requested_log_format(&args(&["x", "--log-format=json"]), &none),
+            LogFormat::Json
+        );
+        assert_eq!(
+            requested_log_format(&args(&["x", "--log-format", "text"]), &env),
+            LogFormat::Text
         );
     }
 

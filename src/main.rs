@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use cloudmap_sidecar::config::{self, Invocation, ParseFailure, ProcessEnv, EXIT_CONFIG};
+use cloudmap_sidecar::config::{
+    self, Invocation, LogFormat, ParseFailure, ProcessEnv, EXIT_CONFIG,
+};
 use cloudmap_sidecar::lifecycle::{shutdown, ExitStatus};
 use cloudmap_sidecar::state::{self, StateLayer};
 use cloudmap_sidecar::{commands, logging};
@@ -16,14 +18,24 @@ fn main() -> ExitCode {
             return ExitCode::from(ExitStatus::Failure.code());
         }
     };
-    let invocation = match config::parse(std::env::args_os(), &ProcessEnv) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invocation = match config::parse(args.clone(), &ProcessEnv) {
         Ok(i) => i,
         Err(ParseFailure::Clap(e)) => {
             let _ = e.print();
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_CONFIG));
         }
         Err(ParseFailure::Invalid(errors)) => {
-            eprintln!("{errors}");
+            // The same `event="config_error"` lines as later configuration errors, so that a log
+            // filter on them also sees the failures found before logging could be set up.
+            if config::requested_log_format(&args, &ProcessEnv) == LogFormat::Json {
+                logging::init(LogFormat::Json, "error");
+                for e in &errors.0 {
+                    tracing::error!(event = "config_error", "configuration error: {e}");
+                }
+            } else {
+                eprintln!("{errors}");
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -122,10 +122,12 @@ impl State {
             Phase::Registered if self.report_failed => Err(format!(
                 "{who}: the last health report to Cloud Map failed (retrying)"
             )),
+            // The sidecar's own health: Cloud Map is being told the truth, whatever it is.
             Phase::Registered => Ok(format!(
-                "{who} is registered, health {}",
+                "{who} is registered and Cloud Map has the application's status ({})",
                 self.health.as_deref().unwrap_or("HEALTHY")
             )),
+            other if self.instance_id.is_none() => Err(format!("nothing is registered: {other}")),
             other => Err(format!("{who} is not registered: {other}")),
         }
     }
@@ -178,11 +180,11 @@ fn pid_alive(pid: u32) -> bool {
 pub fn healthcheck(path: &Path) -> u8 {
     match read(path).and_then(|s| s.verdict(pid_alive)) {
         Ok(line) => {
-            println!("healthy: {line}");
+            println!("ok: {line}");
             0
         }
         Err(why) => {
-            println!("unhealthy: {why}");
+            println!("not ok: {why}");
             1
         }
     }

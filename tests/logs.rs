@@ -174,3 +174,35 @@ fn credentials_never_appear_in_logs_even_at_trace() {
         assert!(!log.contains(TOKEN), "session token in the log");
     }
 }
+
+/// Configuration errors are found before the settings (the log format among them) validate; when
+/// JSON was asked for, they still come as JSON lines with `event="config_error"`, so a CloudWatch
+/// filter on that event sees the most common deploy failure too.
+#[test]
+fn configuration_errors_are_json_lines_when_json_is_asked_for() {
+    let mut cmd = sidecar_command(&moto_url());
+    cmd.env("CLOUDMAP_LOG_FORMAT", "json").args([
+        "--service-id",
+        "srv-abc",
+        "--port",
+        "0",
+        "--health-interval",
+        "soon",
+    ]);
+    let (code, log) = run_to_exit(cmd, Duration::from_secs(30));
+    assert_eq!(code, 2, "{log}");
+    let lines = json_lines(&log);
+    assert_eq!(lines.len(), 2, "one line per error: {log}");
+    for l in &lines {
+        assert_eq!(l["event"], "config_error", "{l}");
+        assert_eq!(l["level"], "ERROR", "{l}");
+    }
+    assert!(lines[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--port (CLOUDMAP_PORT) = \"0\""));
+    assert!(lines[1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--health-interval (CLOUDMAP_HEALTH_INTERVAL)"));
+}

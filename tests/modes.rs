@@ -928,3 +928,43 @@ fn the_systemd_unit_sends_sigterm_and_allows_the_stop_budget() {
     );
     assert!(!value("EnvironmentFile").is_empty());
 }
+
+// EC2 answers the token PUT with 403 when instance metadata is turned off for the instance
+// (`http-endpoint=disabled`): that can never work, so exit 2 at once rather than retrying until
+// --start-timeout. With --ip given, only the instance ID is missing, and the hint says so.
+#[test]
+fn imds_refusing_the_session_token_exits_2_at_once_naming_what_to_set() {
+    let svc = fresh_service(ServiceSpec::http_custom_health());
+    let forbidden = HttpFake::start(|_| Response::new(403, "").into());
+    let mut cmd = sidecar_command(&moto_url());
+    with_imds(&mut cmd, &forbidden.url());
+    cmd.args([
+        "--service-id",
+        &svc.id,
+        "--ip",
+        "10.1.2.3",
+        "--start-timeout",
+        "60s",
+    ]);
+    let started = std::time::Instant::now();
+    let (code, log) = run_to_exit(cmd, LONG);
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not retried until the deadline"
+    );
+    assert!(log.contains("refused a session token (HTTP 403"), "{log}");
+    assert!(
+        log.contains("set --instance-id (CLOUDMAP_INSTANCE_ID)"),
+        "{log}"
+    );
+    assert!(!log.contains("set --ip"), "--ip is already set: {log}");
+    assert!(
+        forbidden
+            .requests()
+            .iter()
+            .all(|r| r.method == "PUT" && r.path == "/latest/api/token"),
+        "only the token was asked for"
+    );
+    assert!(instances(&svc.id).is_empty());
+}

@@ -223,7 +223,7 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             event = "start_jitter",
             delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             "waiting {} before the first Cloud Map call (--start-jitter)",
-            humantime::format_duration(delay)
+            crate::config::human(delay)
         );
         tokio::time::sleep(delay).await;
     }
@@ -407,7 +407,7 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
                         }
                         Err(e) => warn!(instance_id = %p.instance_id,
                             "could not re-assert the registration: {e}; trying again in {}",
-                            humantime::format_duration(every)),
+                            crate::config::human(every)),
                     },
                 }
                 continue;
@@ -623,8 +623,8 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
         if drain < wanted {
             warn!(
                 "drain cut from {} to {} by --stop-timeout: DNS clients may still use this address after exit",
-                humantime::format_duration(wanted),
-                humantime::format_duration(drain)
+                crate::config::human(wanted),
+                crate::config::human(drain)
             );
         }
         if drain.is_zero() {
@@ -634,7 +634,7 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             event = "draining",
             drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
             "waiting {} for DNS caches to forget this instance",
-            humantime::format_duration(drain)
+            crate::config::human(drain)
         );
         let sleep = tokio::time::sleep(drain);
         tokio::pin!(sleep);
@@ -642,7 +642,11 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             Raced::Done(()) => Some(()),
             Raced::Stop(Stop::Immediate) => None,
             Raced::Stop(s) => {
-                info!(?s, "stop requested again: ending the drain early");
+                let why = match s {
+                    Stop::Immediate => "an immediate stop",
+                    _ => "a second stop request",
+                };
+                info!("{why}: ending the drain early");
                 Some(())
             }
         }

@@ -7,8 +7,10 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::{error_chain, LocateError};
-use aws_config::imds::client::error::ImdsError;
+use aws_config::imds::client::error::{ImdsError, TokenError};
 use aws_config::imds::Client;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
 
 /// What the sidecar needs from the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum Purpose {
     PlainEc2,
     /// ECS bridge or host mode: the container instance's address is published.
     EcsHost,
+    /// Not in ECS, `--ip` given: only the instance ID is missing.
+    InstanceId,
 }
 
 impl Purpose {
@@ -34,6 +38,10 @@ impl Purpose {
                 "not in ECS (ECS_CONTAINER_METADATA_URI_V4 is not set), so the EC2 instance itself is registered: \
                  outside EC2 set --ip (CLOUDMAP_IP) and --instance-id (CLOUDMAP_INSTANCE_ID); \
                  in a container on EC2 set the instance's IMDS hop limit to 2"
+            }
+            Purpose::InstanceId => {
+                "not in ECS (ECS_CONTAINER_METADATA_URI_V4 is not set) and --ip is set, so the instance ID comes from \
+                 EC2 instance metadata: outside EC2 set --instance-id (CLOUDMAP_INSTANCE_ID)"
             }
             Purpose::EcsHost => {
                 "bridge and host mode publish the container instance's address from EC2 instance metadata: \
@@ -103,6 +111,12 @@ impl Imds {
                     _ => LocateError::NotReady(format!("{why}: {}", purpose.hint())),
                 })
             }
+            // 403 on the token PUT: the same "turned off" as a 403 on an item.
+            Err(e) if token_forbidden(&e) => Err(LocateError::Invalid(format!(
+                "EC2 instance metadata refused a session token (HTTP 403: instance metadata is turned off, \
+                 or not reachable from here): {}",
+                purpose.hint()
+            ))),
             // The cause chain on one line (a connection refused, a token PUT that timed out).
             Err(e) => Err(LocateError::NotReady(format!(
                 "EC2 instance metadata {path} did not answer: {} ({})",
@@ -110,6 +124,23 @@ impl Imds {
                 purpose.hint()
             ))),
         }
+    }
+
+    /// The instance ID and availability zone (when the address is given).
+    pub async fn instance(
+        &self,
+        purpose: Purpose,
+    ) -> Result<(String, Option<String>), LocateError> {
+        let instance_id = self.get("/latest/meta-data/instance-id", purpose).await?;
+        Ok((instance_id, self.availability_zone(purpose).await))
+    }
+
+    /// Only an attribute: left out (never sent empty) when IMDS does not give it.
+    async fn availability_zone(&self, purpose: Purpose) -> Option<String> {
+        self.get("/latest/meta-data/placement/availability-zone", purpose)
+            .await
+            .ok()
+            .filter(|az| !az.is_empty())
     }
 
     /// Private IPv4, instance ID and availability zone.
@@ -120,17 +151,20 @@ impl Imds {
                 "EC2 instance metadata local-ipv4 is {ip:?}, not an IPv4 address: set --ip (CLOUDMAP_IP)"
             ))
         })?;
-        let instance_id = self.get("/latest/meta-data/instance-id", purpose).await?;
-        // Only an attribute: left out (never sent empty) when IMDS does not give it.
-        let availability_zone = self
-            .get("/latest/meta-data/placement/availability-zone", purpose)
-            .await
-            .ok()
-            .filter(|az| !az.is_empty());
+        let (instance_id, availability_zone) = self.instance(purpose).await?;
         Ok(Host {
             ipv4,
             instance_id,
             availability_zone,
         })
     }
+}
+
+/// The token request was answered 403 (aws-config keeps the status in the error's raw response).
+fn token_forbidden(e: &ImdsError) -> bool {
+    matches!(e, ImdsError::FailedToLoadToken(_))
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<SdkError<TokenError, HttpResponse>>())
+            .and_then(|s| s.raw_response())
+            .is_some_and(|r| r.status().as_u16() == 403)
 }

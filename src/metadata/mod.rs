@@ -220,6 +220,21 @@ impl Discovery {
     }
 
     async fn locate_ec2(&self) -> Result<Location, LocateError> {
+        if self.selection.ip.is_some() {
+            // The address is given (and applied by `apply_overrides`): only the ID is missing.
+            let (instance_id, az) = self.imds.instance(imds::Purpose::InstanceId).await?;
+            let mut attrs = Attributes::default();
+            attrs.insert(attributes::EC2_INSTANCE_ID, &instance_id);
+            attrs.insert_known(attributes::AVAILABILITY_ZONE, az.as_deref());
+            return Ok(Location {
+                ipv4: None,
+                ipv6: None,
+                port: self.selection.port,
+                instance_id: Some(instance_id),
+                attributes: attrs,
+                source: "ec2 (EC2 instance metadata: instance ID; address from --ip)".to_string(),
+            });
+        }
         let host = self.imds.host(imds::Purpose::PlainEc2).await?;
         let mut attrs = Attributes::default();
         attrs.insert(attributes::EC2_INSTANCE_ID, &host.instance_id);

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use aws_sdk_servicediscovery::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_servicediscovery::config::{ConfigBag, Intercept, RuntimeComponents};
-use aws_sdk_servicediscovery::error::{BoxError, DisplayErrorContext, SdkError};
+use aws_sdk_servicediscovery::error::{BoxError, SdkError};
 use aws_sdk_servicediscovery::operation::discover_instances::DiscoverInstancesError;
 use aws_sdk_servicediscovery::types::HealthStatusFilter;
 use aws_sdk_servicediscovery::Client;
@@ -106,7 +106,7 @@ async fn names(
                     "GetNamespace {} (the namespace of service {}): {}",
                     info.namespace_id,
                     info.id,
-                    DisplayErrorContext(&e)
+                    crate::metadata::error_chain(&e)
                 ))
             })?;
             let namespace = out
@@ -167,7 +167,7 @@ fn discover_error<R: std::fmt::Debug>(
     service: &str,
     endpoint_given: bool,
 ) -> Error {
-    let text = DisplayErrorContext(e).to_string();
+    let text = crate::metadata::error_chain(e);
     match e.as_service_error() {
         Some(DiscoverInstancesError::NamespaceNotFound(_)) => Error::Config(format!(
             "namespace {namespace:?} not found: check --namespace (CLOUDMAP_NAMESPACE) and AWS_REGION"

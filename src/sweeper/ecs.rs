@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aws_sdk_ecs::error::DisplayErrorContext;
 use aws_sdk_ecs::Client;
 use tracing::{debug, warn};
 
@@ -105,7 +104,7 @@ impl DescribeTasks for Client {
             .map_err(|e| {
                 format!(
                     "DescribeTasks in cluster {cluster} failed: {}",
-                    DisplayErrorContext(&e)
+                    crate::metadata::error_chain(&e)
                 )
             })?;
         let described = out

@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aws_sdk_servicediscovery::error::DisplayErrorContext;
 use aws_sdk_servicediscovery::operation::get_instance::GetInstanceError;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -105,7 +104,7 @@ impl Sweeper {
                 .map_err(|e| {
                     format!(
                         "ListInstances for service {service_id} failed: {} (check --service-id, AWS_REGION and the servicediscovery:ListInstances permission)",
-                        DisplayErrorContext(&e)
+                        crate::metadata::error_chain(&e)
                     )
                 })?;
             out.extend(page.instances().iter().map(|i| Listed {
@@ -186,7 +185,10 @@ impl Sweeper {
             }
             Err(e) => match e.as_service_error() {
                 Some(GetInstanceError::InstanceNotFound(_)) => Ok(false),
-                _ => Err(format!("GetInstance failed: {}", DisplayErrorContext(&e))),
+                _ => Err(format!(
+                    "GetInstance failed: {}",
+                    crate::metadata::error_chain(&e)
+                )),
             },
         }
     }

@@ -512,7 +512,12 @@ pub fn sidecar_command(endpoint: &str) -> Command {
         .env("AWS_REGION", REGION)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        // Its own state file: tests run side by side, and the default path is shared.
+        .env(
+            "CLOUDMAP_STATE_FILE",
+            std::env::temp_dir().join(format!("{}.state", unique("cloudmap-test"))),
+        );
     cmd
 }
 
