@@ -28,11 +28,13 @@ pub async fn execute(invocation: Invocation, mut stops: StopRequests) -> ExitSta
         Invocation::Discover(s, _) => (s.as_ref(), "discover"),
         Invocation::Run(_) | Invocation::Healthcheck(_) => return ExitStatus::Config,
     };
-    let sdk = crate::aws_config().await;
-    if sdk.region().is_none() {
-        error!(event = "config_error", "no AWS region: set AWS_REGION");
-        return ExitStatus::Config;
-    }
+    let sdk = match crate::aws_config_with_region().await {
+        Ok(sdk) => sdk,
+        Err(why) => {
+            error!(event = "config_error", "{why}");
+            return ExitStatus::Config;
+        }
+    };
     let registry = CloudMap::from_config(&sdk);
     let locator = Discovery::from_settings(settings);
     let result = match &invocation {

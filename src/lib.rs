@@ -83,6 +83,15 @@ pub async fn aws_config() -> aws_config::SdkConfig {
         .await
 }
 
+/// [`aws_config`], or the one-line reason it cannot work: without a region no call can be made.
+pub async fn aws_config_with_region() -> Result<aws_config::SdkConfig, &'static str> {
+    let sdk = aws_config().await;
+    match sdk.region() {
+        Some(_) => Ok(sdk),
+        None => Err("no AWS region: set AWS_REGION (ECS sets it on Fargate; on EC2 the instance metadata provides it)"),
+    }
+}
+
 /// `run`: wire the real parts together and run the lifecycle.
 pub async fn run(settings: Settings, mut stops: StopRequests) -> ExitStatus {
     info!(
@@ -91,11 +100,13 @@ pub async fn run(settings: Settings, mut stops: StopRequests) -> ExitStatus {
         "{}",
         settings.summary()
     );
-    let sdk = aws_config().await;
-    if sdk.region().is_none() {
-        error!(event = "config_error", "no AWS region: set AWS_REGION (ECS sets it on Fargate; on EC2 the instance metadata provides it)");
-        return ExitStatus::Config;
-    }
+    let sdk = match aws_config_with_region().await {
+        Ok(sdk) => sdk,
+        Err(why) => {
+            error!(event = "config_error", "{why}");
+            return ExitStatus::Config;
+        }
+    };
     let registry = CloudMap::from_config(&sdk);
     let locator = Discovery::from_settings(&settings);
     let probe = AnyProbe::from_settings(&settings);

@@ -105,6 +105,11 @@ impl Tracker {
         }
     }
 
+    /// The thresholds the settings ask for.
+    pub fn for_settings(health: &crate::config::HealthSettings) -> Self {
+        Tracker::new(health.healthy_threshold, health.unhealthy_threshold)
+    }
+
     pub fn status(&self) -> Option<Health> {
         self.status
     }

@@ -90,17 +90,9 @@ where
     L: Locator,
     P: Probe,
 {
-    Sidecar {
-        settings,
-        registry,
-        probe,
-        tracker: Tracker::new(
-            settings.health.healthy_threshold,
-            settings.health.unhealthy_threshold,
-        ),
-    }
-    .run(locator, stops)
-    .await
+    Sidecar::new(settings, registry, probe)
+        .run(locator, stops)
+        .await
 }
 
 struct Sidecar<'a, R, P> {
@@ -110,7 +102,16 @@ struct Sidecar<'a, R, P> {
     tracker: Tracker,
 }
 
-impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
+impl<'a, R: Registry, P: Probe> Sidecar<'a, R, P> {
+    fn new(settings: &'a Settings, registry: &'a R, probe: Option<&'a P>) -> Self {
+        Sidecar {
+            settings,
+            registry,
+            probe,
+            tracker: Tracker::for_settings(&settings.health),
+        }
+    }
+
     async fn run<L: Locator>(mut self, locator: &L, stops: &mut StopRequests) -> ExitStatus {
         // Start-up can be abandoned at any point before the registration request is sent,
         // including during the start jitter.
@@ -310,10 +311,7 @@ impl<R: Registry, P: Probe> Sidecar<'_, R, P> {
             }
             if let Ok(()) = probe.check().await {
                 // Start the thresholds afresh from this first pass.
-                self.tracker = Tracker::new(
-                    self.settings.health.healthy_threshold,
-                    self.settings.health.unhealthy_threshold,
-                );
+                self.tracker = Tracker::for_settings(&self.settings.health);
                 self.tracker.observe(true);
                 return Some(Health::Healthy);
             }

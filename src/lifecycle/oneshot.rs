@@ -11,7 +11,7 @@ use tracing::{error, info};
 use super::{locate_until, ExitStatus, Prepared, Sidecar, StartError};
 use crate::attributes;
 use crate::config::Settings;
-use crate::health::{Probe, Tracker};
+use crate::health::Probe;
 use crate::metadata::Locator;
 use crate::registry::{Health, Registry, RegistryError, ServiceInfo};
 
@@ -101,15 +101,7 @@ pub async fn prepare<R: Registry, L: Locator, P: Probe>(
     probe: Option<&P>,
 ) -> Result<Ready, Error> {
     let deadline = Instant::now() + settings.start_timeout;
-    let mut sidecar = Sidecar {
-        settings,
-        registry,
-        probe,
-        tracker: Tracker::new(
-            settings.health.healthy_threshold,
-            settings.health.unhealthy_threshold,
-        ),
-    };
+    let mut sidecar = Sidecar::new(settings, registry, probe);
     let p = sidecar.prepare(locator, deadline).await?;
     let health = match probe {
         Some(probe) => sidecar.probe_once(probe).await,

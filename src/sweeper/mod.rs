@@ -347,14 +347,15 @@ pub async fn run(settings: SweeperSettings, mut stops: StopRequests) -> SweepSta
         "{}",
         settings.summary()
     );
-    let sdk = crate::aws_config().await;
-    let Some(region) = sdk.region().map(|r| r.to_string()) else {
-        error!(
-            event = "config_error",
-            "no AWS region: set AWS_REGION (ECS sets it for tasks)"
-        );
-        return SweepStatus::Config;
+    let sdk = match crate::aws_config_with_region().await {
+        Ok(sdk) => sdk,
+        Err(why) => {
+            error!(event = "config_error", "{why}");
+            return SweepStatus::Config;
+        }
     };
+    // Present: aws_config_with_region checked it.
+    let region = sdk.region().map(|r| r.to_string()).unwrap_or_default();
     let sweeper = Sweeper::from_config(&sdk, &region);
     let mut stopping = false;
     loop {
